@@ -1,0 +1,15 @@
+"""p2pfed: train one causal language model across sites, peer to peer, with no central server.
+
+config.py     typed run config and peer profiles (pydantic; unknown keys rejected)
+data.py       text sources, byte tokenizer, train/val split and per-peer partitions
+model.py      transformers causal LMs built from a config (Llama, GPT-2) or a local directory
+allreduce.py  hivemind's all-reduce made strict (commit only complete rounds) and byte-counted
+actors/       a peer's actors: Discovery, Trainer, Averager, Monitor and their Supervisor
+peer.py       one peer: wires the actors and runs the round loop
+swarm.py      a local multi-process swarm (process groups, progress, combined report)
+status.py     live peers of a run, read from the DHT
+bench/        benchmarks that print ours / reference ratios
+cli.py        the `p2pfed` command
+"""
+
+__version__ = "0.1.0"

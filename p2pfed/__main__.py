@@ -1,0 +1,3 @@
+from p2pfed.cli import main
+
+main()

@@ -1,0 +1,169 @@
+"""Averager: forms a group each round and all-reduces the gradient over libp2p (hivemind's butterfly all-reduce).
+
+A round commits only when the group's all-reduce was complete and every member was at the same step; anything else is
+a failed round, returned as a value with its reason. The gradient is copied into the averager's shared buffer and
+copied back only on commit, so the trainer's gradient is never half-averaged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import InvalidStateError
+from typing import Any
+
+import hivemind
+import torch
+
+from p2pfed.actors.base import Actor
+from p2pfed.actors.messages import DownloadState, RoundResult, RunRound
+from p2pfed.allreduce import COMPRESSIONS, SwarmAverager
+from p2pfed.config import Config
+
+__all__ = ["Averager"]
+
+logger = logging.getLogger(__name__)
+
+
+class Averager(Actor):
+    name = "averager"
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        dht: hivemind.DHT,
+        numel: int,
+        state_fn: Callable[[], tuple[Any, Sequence[torch.Tensor]]],
+        client_mode: bool,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.dht, self.numel, self.state_fn, self.client_mode = cfg, dht, numel, state_fn, client_mode
+        self.buffer = torch.zeros(numel, dtype=torch.float32)
+        self.avg: SwarmAverager | None = None
+        self._control: Any = None  # the hivemind StepControl of the round in flight
+
+    async def on_start(self) -> None:
+        a = self.cfg.averaging
+        self.avg = SwarmAverager(
+            [self.buffer],
+            self.dht,
+            state_fn=self.state_fn,
+            prefix=f"p2pfed_{self.cfg.run.id}_grad",
+            target_group_size=self.cfg.group_size,
+            min_group_size=a.min_group_size,
+            min_matchmaking_time=a.matchmaking_time,
+            request_timeout=a.request_timeout,
+            allreduce_timeout=a.timeout,
+            next_chunk_timeout=a.timeout / 3,
+            compression=COMPRESSIONS[self.cfg.compression.name](),
+            state_compression=COMPRESSIONS["none"](),
+            client_mode=self.client_mode,
+            declare_state_period=self.cfg.swarm.record_ttl,
+            shutdown_timeout=5,
+            start=False,
+        )
+        # The averager process must not take Ctrl+C from the terminal: the supervisor stops it in order.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self.avg.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        await asyncio.to_thread(self.avg.wait_until_ready, 60.0)
+
+    def interrupt(self) -> None:
+        if self._control is not None:
+            _cancel(self._control)
+
+    async def on_stop(self) -> None:
+        if self.avg is not None:
+            await asyncio.to_thread(self.avg.shutdown)
+            self.avg = None
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.avg.bytes_sent if self.avg is not None else 0
+
+    @property
+    def bytes_received(self) -> int:
+        return self.avg.bytes_received if self.avg is not None else 0
+
+    def set_state_priority(self, step: int) -> None:
+        """Peers that download state prefer the most advanced peer."""
+        if self.avg is not None and not self.client_mode:
+            self.avg.state_sharing_priority = float(step)
+
+    async def on_RunRound(self, msg: RunRound) -> RoundResult:
+        assert self.avg is not None
+        a = self.cfg.averaging
+        with self.avg.get_tensors() as (buffer,):
+            buffer.copy_(msg.flat_grad)
+        t0 = time.perf_counter()
+        control = self.avg.step(
+            weight=float(msg.weight),
+            gather={"step": msg.step},
+            timeout=a.round_timeout,
+            allow_retries=True,
+            wait=False,
+        )
+        self._control = control
+        deadline = time.monotonic() + a.round_timeout + a.timeout
+        try:
+            # Poll rather than block a thread on the result, so that interrupt() can cancel the round at once.
+            while not control.done():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"round did not finish within {a.round_timeout + a.timeout:.0f}s")
+                await asyncio.sleep(0.01)
+            outcome = control.result()
+        except BaseException as e:
+            _cancel(control)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return RoundResult(committed=False, group_size=0, reason=reason)
+        finally:
+            self._control = None
+        steps = [int(d.get("step", -1)) if isinstance(d, dict) else -1 for d in outcome["gathered"].values()]
+        result = RoundResult(
+            committed=False,
+            group_size=len(steps),
+            max_group_step=max(steps),
+            bytes_sent=outcome["bytes_sent"],
+            bytes_received=outcome["bytes_received"],
+        )
+        if not outcome["complete"]:
+            return _replace(result, reason="incomplete all-reduce: a member dropped out mid-round")
+        if any(s != msg.step for s in steps):
+            return _replace(result, reason=f"group members were at different steps {sorted(steps)}")
+        with self.avg.get_tensors() as (buffer,):
+            msg.flat_grad.copy_(buffer)
+        logger.debug("round of %d peers in %.3fs", len(steps), time.perf_counter() - t0)
+        return _replace(result, committed=True)
+
+    async def on_DownloadState(self, msg: DownloadState) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
+        assert self.avg is not None
+        timeout = self.cfg.averaging.timeout
+        future = self.avg.load_state_from_peers(wait=False, timeout=timeout)
+        try:
+            return await asyncio.to_thread(future.result, timeout * 2)
+        except Exception as e:
+            logger.warning("state download failed: %r", e)
+            return None
+
+
+def _cancel(control: Any) -> None:
+    """Cancel a hivemind step; it may have finished or been cancelled already, which is fine."""
+    try:
+        if not control.done():
+            control.cancel()
+    except InvalidStateError:
+        pass
+
+
+def _replace(result: RoundResult, **changes: Any) -> RoundResult:
+    from dataclasses import replace
+
+    return replace(result, **changes)

@@ -1,0 +1,142 @@
+"""Messages between a peer's actors: frozen dataclasses, one per request or event."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "Announce",
+    "ApplyUpdate",
+    "ComputeGradients",
+    "DownloadState",
+    "Evaluate",
+    "Event",
+    "GetPeers",
+    "GradientsReady",
+    "LoadState",
+    "PeerRecord",
+    "Progress",
+    "RoundResult",
+    "RunRound",
+    "Snapshot",
+]
+
+
+# --- Discovery -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """What a peer announces about itself in the DHT (msgpack-friendly fields only)."""
+
+    peer_id: str
+    cloud: str
+    device: str
+    step: int
+    loss: float | None
+    samples_per_s: float
+    finished: bool = False
+    maddrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Announce:
+    record: PeerRecord
+
+
+@dataclass(frozen=True)
+class GetPeers:
+    """Reply: list[PeerRecord] of the live peers of this run, this one included."""
+
+
+# --- Trainer ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComputeGradients:
+    """Forward/backward on the next local batch. Reply: GradientsReady."""
+
+
+@dataclass(frozen=True)
+class GradientsReady:
+    flat_grad: torch.Tensor  # (P,) fp32, this peer's gradient, owned by the trainer
+    samples: int
+    loss: float
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class ApplyUpdate:
+    """Apply the averaged gradient (now in the trainer's flat_grad) as optimizer step `step`."""
+
+    step: int
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    """Reply: mean validation loss (float)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Reply: dict of parameter name -> detached CPU tensor."""
+
+
+@dataclass(frozen=True)
+class LoadState:
+    metadata: dict[str, Any]
+    tensors: list[torch.Tensor]
+
+
+# --- Averager --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRound:
+    """Average `flat_grad` in place with the group, weighted by `weight`. Reply: RoundResult."""
+
+    step: int
+    flat_grad: torch.Tensor
+    weight: float
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    committed: bool
+    group_size: int
+    reason: str = ""  # why the round failed, empty when committed
+    max_group_step: int = -1  # highest step seen in the group; above ours means this peer fell behind
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass(frozen=True)
+class DownloadState:
+    """Reply: (metadata, tensors) from the most advanced peer, or None."""
+
+
+# --- Monitor ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    max_steps: int | None
+    loss: float
+    eval_loss: float | None
+    samples_per_s: float
+    group_size: int
+    rounds_ok: int
+    rounds_failed: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """A one-line event for the terminal (bootstrap address, joined, state downloaded, finished)."""
+
+    kind: str
+    text: str
+    data: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,214 @@
+"""Trainer: owns the model, the optimizer and this peer's data shard; torch compute runs in a worker thread.
+
+One step is ComputeGradients (forward/backward over micro-batches into a flat fp32 gradient), then, once the Averager
+has averaged that gradient in place, ApplyUpdate (clip, AdamW step). A failed round skips ApplyUpdate: the model only
+ever sees complete averages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from p2pfed.actors.base import Actor
+from p2pfed.actors.messages import (
+    ApplyUpdate,
+    ComputeGradients,
+    Evaluate,
+    GradientsReady,
+    LoadState,
+    Snapshot,
+)
+from p2pfed.config import Config, Profile
+from p2pfed.data import Corpus
+from p2pfed.model import build_model
+
+__all__ = ["Trainer"]
+
+
+class Trainer(Actor):
+    name = "trainer"
+
+    def __init__(self, cfg: Config, profile: Profile, corpus: Corpus, shard: torch.Tensor, *, shard_index: int) -> None:
+        super().__init__()
+        self.cfg, self.profile, self.corpus, self.shard = cfg, profile, corpus, shard
+        self.shard_index = shard_index
+        device = profile.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pfed-torch")
+        self._lock = threading.Lock()  # guards model and optimizer against state downloads from other threads
+        self.step = 0
+        self.samples_seen = 0
+        self._cursor = 0
+        self._epoch = 0
+        self._order = self._shuffle(0)
+
+    # --- setup ---------------------------------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        await self._run(self._build)
+
+    def _build(self) -> None:
+        if self.profile.threads is not None:
+            torch.set_num_threads(self.profile.threads)
+        self.model = build_model(self.cfg.model, vocab_size=self.corpus.vocab_size, seed=self.cfg.run.seed)
+        self.model.to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.numel = sum(p.numel() for p in self.params)
+        t = self.cfg.training
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
+        # Create AdamW's state now, so that a peer that has not stepped yet can still share a complete state.
+        for p in self.params:
+            state = self.optimizer.state[p]
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self.flat_grad = torch.zeros(self.numel, dtype=torch.float32)
+
+    async def on_stop(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # --- data ----------------------------------------------------------------------------------------------------
+
+    def _shuffle(self, epoch: int) -> torch.Tensor:
+        seed = (self.cfg.run.seed * 1_000_003 + self.shard_index * 7919 + epoch) % (2**63)
+        return torch.randperm(len(self.shard), generator=torch.Generator().manual_seed(seed))
+
+    def _next_batch(self, n: int) -> torch.Tensor:
+        rows = []
+        while len(rows) < n:
+            if self._cursor >= len(self._order):
+                self._epoch += 1
+                self._order, self._cursor = self._shuffle(self._epoch), 0
+            take = min(n - len(rows), len(self._order) - self._cursor)
+            rows.extend(self._order[self._cursor : self._cursor + take].tolist())
+            self._cursor += take
+        return self.shard[rows]  # (B, T)
+
+    # --- compute -------------------------------------------------------------------------------------------------
+
+    async def on_ComputeGradients(self, msg: ComputeGradients) -> GradientsReady:
+        return await self._run(self._compute)
+
+    def _compute(self) -> GradientsReady:
+        t0 = time.perf_counter()
+        t = self.cfg.training
+        batch = self._next_batch(t.batch_size)
+        micro = t.micro_batch_size or t.batch_size
+        total_loss = 0.0
+        with self._lock:
+            self.model.train()
+            for p in self.params:
+                p.grad = None
+            for chunk in batch.split(micro):
+                ids = chunk.to(self.device)
+                loss = self.model(input_ids=ids, labels=ids).loss
+                (loss * (len(chunk) / len(batch))).backward()
+                total_loss += loss.item() * len(chunk)
+            offset = 0
+            for p in self.params:
+                n = p.numel()
+                if p.grad is None:
+                    self.flat_grad[offset : offset + n].zero_()
+                else:
+                    self.flat_grad[offset : offset + n].copy_(p.grad.reshape(-1))
+                offset += n
+        compute_s = time.perf_counter() - t0
+        if self.profile.slowdown > 1.0:  # emulate slower hardware honestly: in proportion to real compute time
+            time.sleep((self.profile.slowdown - 1.0) * compute_s)
+            compute_s = time.perf_counter() - t0
+        return GradientsReady(
+            flat_grad=self.flat_grad, samples=len(batch), loss=total_loss / len(batch), compute_s=compute_s
+        )
+
+    async def on_ApplyUpdate(self, msg: ApplyUpdate) -> None:
+        await self._run(self._apply, msg.step)
+
+    def _apply(self, step: int) -> None:
+        t = self.cfg.training
+        with self._lock:
+            offset = 0
+            for p in self.params:
+                n = p.numel()
+                p.grad = self.flat_grad[offset : offset + n].view_as(p).to(self.device)
+                offset += n
+            if t.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
+            lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.step = step + 1
+            self.samples_seen += t.batch_size
+
+    async def on_Evaluate(self, msg: Evaluate) -> float:
+        return await self._run(self._evaluate)
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        t = self.cfg.training
+        val = self.corpus.val[: t.eval_sequences]
+        losses = []
+        with self._lock:
+            self.model.eval()
+            for chunk in val.split(t.micro_batch_size or t.batch_size):
+                ids = chunk.to(self.device)
+                losses.append(self.model(input_ids=ids, labels=ids).loss.item() * len(chunk))
+        return sum(losses) / len(val)
+
+    async def on_Snapshot(self, msg: Snapshot) -> dict[str, torch.Tensor]:
+        return await self._run(self._snapshot)
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        with self._lock:
+            return {name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters()}
+
+    # --- state sharing -------------------------------------------------------------------------------------------
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        tensors = [p.detach() for p in self.params]
+        for p in self.params:
+            state = self.optimizer.state[p]
+            tensors += [state["exp_avg"], state["exp_avg_sq"]]
+        return tensors
+
+    def current_state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """Called from the averager's thread when another peer downloads our state."""
+        with self._lock:
+            adam_step = float(self.optimizer.state[self.params[0]]["step"])
+            tensors = [t.to("cpu", copy=True) for t in self._state_tensors()]
+            return {"step": self.step, "adam_step": adam_step, "numel": self.numel}, tensors
+
+    async def on_LoadState(self, msg: LoadState) -> None:
+        await self._run(self._load_state, msg.metadata, msg.tensors)
+
+    def _load_state(self, metadata: dict[str, Any], tensors: list[torch.Tensor]) -> None:
+        ours = self._state_tensors()
+        if metadata.get("numel") != self.numel or len(tensors) != len(ours):
+            raise ValueError(
+                f"downloaded state does not fit this model: {len(tensors)} tensors for {metadata.get('numel')} "
+                f"parameters, expected {len(ours)} for {self.numel}"
+            )
+        with self._lock, torch.no_grad():
+            for dst, src in zip(ours, tensors, strict=True):
+                if dst.shape != src.shape:
+                    raise ValueError(f"downloaded tensor of shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+                dst.copy_(src)
+            for p in self.params:
+                self.optimizer.state[p]["step"] = torch.tensor(float(metadata["adam_step"]))
+            self.step = int(metadata["step"])
+
+    def param_l2(self) -> float:
+        with self._lock, torch.no_grad():
+            return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in self.params))

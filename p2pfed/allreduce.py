@@ -1,0 +1,156 @@
+"""hivemind's butterfly all-reduce, made strict and measured.
+
+hivemind's AllReduceRunner tolerates failures by averaging over whoever is left, and keeps a peer's own values for a
+slice whose reducer vanished. p2pfed commits a round only when every contribution arrived, so `SwarmAverager` reports
+for each round whether it was complete, together with the protobuf bytes it sent and received (payload plus framing
+above libp2p), and the metadata each group member gathered. The averaged buffer is a scratch buffer: the trainer
+applies it only when the round is complete, so a failed round never touches the model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
+
+__all__ = ["COMPRESSIONS", "SwarmAverager"]
+
+COMPRESSIONS: dict[str, Callable[[], CompressionBase]] = {
+    "none": NoCompression,
+    "fp16": Float16Compression,
+    "uint8": Uniform8BitQuantization,
+}
+
+
+class _ByteCounters:
+    """Counters shared between the averager process (which counts) and the peer process (which reads)."""
+
+    def __init__(self) -> None:
+        self.sent = mp.Value(ctypes.c_double, 0.0, lock=False)
+        self.received = mp.Value(ctypes.c_double, 0.0, lock=False)
+
+
+async def _count(stream: AsyncIterator[Any], add: Callable[[int], None]) -> AsyncIterator[Any]:
+    async for msg in stream:
+        add(msg.ByteSize())
+        yield msg
+
+
+class _CountingStub:
+    """Wraps a peer stub so that every averaging message in either direction is counted."""
+
+    def __init__(self, stub: Any, runner: _CountingRunner) -> None:
+        self._stub, self._runner = stub, runner
+
+    async def rpc_aggregate_part(self, inputs: AsyncIterator[Any], *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        stream = await self._stub.rpc_aggregate_part(_count(inputs, self._runner.add_sent), *args, **kwargs)
+        return _count(stream, self._runner.add_received)
+
+
+class _CountingRunner(AllReduceRunner):
+    def __init__(self, *, counters: _ByteCounters, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.counters = counters
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def add_sent(self, n: int) -> None:
+        self.bytes_sent += n
+        self.counters.sent.value += n
+
+    def add_received(self, n: int) -> None:
+        self.bytes_received += n
+        self.counters.received.value += n
+
+    def _get_peer_stub(self, peer: PeerID) -> Any:
+        return _CountingStub(super()._get_peer_stub(peer), self)
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for msg in super().rpc_aggregate_part(_count(stream, self.add_received), context):
+            self.add_sent(msg.ByteSize())
+            yield msg
+
+    @property
+    def complete(self) -> bool:
+        """True when no sender was banned and no reducer failed: every slice averaged every member."""
+        return not self.banned_senders and self.tensor_part_container.failed_size == 0
+
+
+class SwarmAverager(DecentralizedAverager):
+    """DecentralizedAverager whose step() returns a dict with the gathered metadata, completeness and bytes.
+
+    `state_fn` runs in the peer process when another peer downloads state; it returns (metadata, tensors).
+    """
+
+    def __init__(
+        self,
+        averaged_tensors: Sequence[torch.Tensor],
+        dht: Any,
+        *,
+        state_fn: Callable[[], tuple[Any, Sequence[torch.Tensor]]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._counters = _ByteCounters()
+        self._state_fn = state_fn
+        super().__init__(averaged_tensors, dht, **kwargs)
+
+    @property
+    def bytes_sent(self) -> int:
+        return int(self._counters.sent.value)
+
+    @property
+    def bytes_received(self) -> int:
+        return int(self._counters.received.value)
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
+        self._last_runner: _CountingRunner | None = None
+        gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        runner = self._last_runner
+        return {
+            "gathered": {peer.to_base58(): data for peer, data in gathered.items()},
+            "complete": runner is not None and runner.complete,
+            "bytes_sent": runner.bytes_sent if runner else 0,
+            "bytes_received": runner.bytes_received if runner else 0,
+        }
+
+    async def _run_allreduce_inplace_(
+        self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: bytes | None = None, **kwargs: Any
+    ) -> None:
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = _CountingRunner(
+            counters=self._counters,
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        self._last_runner = runner
+        self._running_groups[group_id].set_result(runner)
+        async for tensor, update in _azip(tensors, runner):
+            tensor.add_(update)
+
+    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Any]:
+        if self._state_fn is None:
+            return super().get_current_state()
+        metadata, tensors = self._state_fn()
+        return metadata, tensors, None
+
+
+async def _azip(tensors: Sequence[torch.Tensor], runner: AsyncIterator[torch.Tensor]) -> AsyncIterator[Any]:
+    it = iter(tensors)
+    async for update in runner:
+        yield next(it), update

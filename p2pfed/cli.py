@@ -1,0 +1,245 @@
+"""The `p2pfed` command line.
+
+    p2pfed peer --config configs/tiny.yaml                      # start a new swarm; prints its bootstrap address
+    p2pfed peer --config configs/tiny.yaml --initial-peers MADDR  # join it
+    p2pfed swarm --peers 3 --config configs/tiny.yaml --max-steps 50
+    p2pfed status --initial-peers MADDR
+    p2pfed bench allreduce --peers 3 --numel 25000000
+
+User mistakes print one line and exit 2; a peer that stops on a signal exits 0 after writing its report.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from p2pfed.errors import UserError
+
+__all__ = ["main"]
+
+EXIT_USER_ERROR = 2
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn UserError into one line on stderr and exit 2; Ctrl+C into exit 130 without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="p2pfed")
+def main() -> None:
+    """Train one language model across sites, peer to peer, with no central server."""
+
+
+_config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), required=True, help="run config YAML (configs/)"
+)
+_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config value by dotted path (repeatable)"
+)
+
+
+def _human_sink(every_s: float = 2.0) -> Callable[[str, dict[str, Any]], None]:
+    from rich.console import Console
+
+    console = Console(highlight=False, soft_wrap=True)
+    last = [0.0]
+
+    def sink(kind: str, data: dict[str, Any]) -> None:
+        if kind == "bootstrap":
+            click.echo(data["text"], nl=True)  # plain stdout line: scripts parse it
+            sys.stdout.flush()
+        elif kind == "progress":
+            now = time.monotonic()
+            done = data["max_steps"] is not None and data["step"] >= data["max_steps"]
+            if now - last[0] < every_s and not done:
+                return
+            last[0] = now
+            of = f"/{data['max_steps']}" if data["max_steps"] else ""
+            ev = f"{data['eval_loss']:.4f}" if data["eval_loss"] is not None else "-"
+            console.print(
+                f"step {data['step']}{of}  loss {data['loss']:.4f}  eval {ev}  "
+                f"{data['samples_per_s']:.1f} samples/s  group {data['group_size']}  "
+                f"rounds ok {data['rounds_ok']} failed {data['rounds_failed']}"
+            )
+        elif kind != "done":
+            console.print(data["text"])
+
+    return sink
+
+
+def _jsonl_sink(kind: str, data: dict[str, Any]) -> None:
+    if kind == "bootstrap":
+        click.echo(data["text"])
+    click.echo(json.dumps({"kind": kind, **data}, default=str))
+    sys.stdout.flush()
+
+
+@main.command()
+@_config_option
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), help="peer profile YAML (peers/)")
+@_set_option
+@click.option("--initial-peers", multiple=True, metavar="MADDR", help="join the swarm through this peer (repeatable)")
+@click.option("--listen", metavar="MADDR", help="multiaddr to listen on (default: swarm.listen)")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), help="libp2p private key file")
+@click.option("--max-steps", type=click.IntRange(min=1), help="stop at this global step")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the peer report (JSON) here")
+@click.option("--save-params", type=click.Path(dir_okay=False), help="write final parameters (safetensors) here")
+@click.option("--events", type=click.Choice(["human", "jsonl"]), default="human", help="progress format on stdout")
+@click.option("--dump-grads", type=click.Path(file_okay=False), hidden=True, help="test aid: save round gradients")
+@click.option("-v", "--verbose", is_flag=True, help="debug logs, hivemind's included")
+@user_errors
+def peer(
+    config_path: str,
+    profile_path: str | None,
+    overrides: tuple[str, ...],
+    initial_peers: tuple[str, ...],
+    listen: str | None,
+    identity_path: str | None,
+    max_steps: int | None,
+    report_path: str | None,
+    save_params: str | None,
+    events: str,
+    dump_grads: str | None,
+    verbose: bool,
+) -> None:
+    """Start one peer: join (or start) a swarm and train until --max-steps or Ctrl+C."""
+    from p2pfed.config import load_config, load_profile
+
+    if listen:
+        overrides = (*overrides, f"swarm.listen={listen}")
+    cfg = load_config(config_path, overrides)
+    profile = load_profile(profile_path)
+
+    import asyncio
+
+    from p2pfed.log import PeerContext, setup_logging
+    from p2pfed.peer import Peer, PeerOptions
+
+    ctx = PeerContext()
+    setup_logging(ctx, verbose=verbose)
+    options = PeerOptions(
+        initial_peers=list(initial_peers),
+        identity_path=identity_path,
+        max_steps=max_steps,
+        report_path=report_path,
+        save_params=save_params,
+        dump_grads=dump_grads,
+        sink=_jsonl_sink if events == "jsonl" else _human_sink(),
+        context=ctx,
+    )
+    asyncio.run(Peer(cfg, profile, options).run())
+
+
+@main.command()
+@click.option("--peers", "n_peers", type=click.IntRange(min=1, max=64), required=True, help="number of local peers")
+@_config_option
+@_set_option
+@click.option("--profile", "profiles", multiple=True, type=click.Path(dir_okay=False), help="peer profiles, in turn")
+@click.option("--max-steps", type=click.IntRange(min=1), help="stop at this global step")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="combined report (JSON)")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="logs, reports, params (default runs/RUN-TIME)")
+@click.option("--timeout", type=click.FloatRange(min=1), default=3600.0, show_default=True, help="stop after seconds")
+@user_errors
+def swarm(
+    n_peers: int,
+    config_path: str,
+    overrides: tuple[str, ...],
+    profiles: tuple[str, ...],
+    max_steps: int | None,
+    report_path: str | None,
+    run_dir: str | None,
+    timeout: float,
+) -> None:
+    """Run N peer processes on loopback, show progress, and combine their reports."""
+    from p2pfed.config import load_config, load_profile
+    from p2pfed.swarm import LocalSwarm
+
+    cfg = load_config(config_path, overrides)  # validate once here, so a bad key fails before any peer starts
+    for p in profiles:
+        load_profile(p)
+    result = LocalSwarm(
+        n_peers=n_peers,
+        config_path=config_path,
+        overrides=list(overrides),
+        profiles=list(profiles),
+        max_steps=max_steps,
+        run_dir=run_dir,
+        report_path=report_path,
+        cfg=cfg,
+        timeout=timeout,
+    ).run()
+    sys.exit(result)
+
+
+@main.command()
+@click.option("--initial-peers", multiple=True, required=True, metavar="MADDR", help="any live peer of the swarm")
+@click.option("--run", "run_id", help="only this run (default: every run found)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--timeout", type=click.FloatRange(min=1), default=15.0, show_default=True, help="seconds for DHT reads")
+@user_errors
+def status(initial_peers: tuple[str, ...], run_id: str | None, as_json: bool, timeout: float) -> None:
+    """List the live peers of the swarm reachable through --initial-peers."""
+    from p2pfed.status import collect_status, render_status
+
+    runs = collect_status(list(initial_peers), run_id=run_id, timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(runs, indent=2))
+    else:
+        render_status(runs)
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print ours / reference ratios measured in one run."""
+
+
+@bench.command("allreduce")
+@click.option("--peers", "n_peers", type=click.IntRange(min=2, max=16), default=3, show_default=True)
+@click.option("--numel", type=click.IntRange(min=1), default=25_000_000, show_default=True, help="fp32 elements")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="timed rounds (median)")
+@click.option("--compression", type=click.Choice(["none", "fp16", "uint8"]), default="none", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON: p2pfed_s, gloo_s, ratio")
+@user_errors
+def bench_allreduce(n_peers: int, numel: int, rounds: int, compression: str, as_json: bool) -> None:
+    """Time one averaging round of an fp32 tensor across local peers vs torch.distributed gloo all_reduce."""
+    from p2pfed.bench.allreduce import run_bench
+
+    result = run_bench(n_peers=n_peers, numel=numel, rounds=rounds, compression=compression)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(
+            f"{n_peers} peers, {numel:,} fp32 elements ({compression}), median of {rounds} rounds:\n"
+            f"  p2pfed (hivemind all-reduce over libp2p): {result['p2pfed_s']:.3f} s\n"
+            f"  torch.distributed gloo all_reduce:        {result['gloo_s']:.3f} s\n"
+            f"  ratio p2pfed / gloo:                      {result['ratio']:.2f}x\n"
+            f"  max |p2pfed - exact mean|:                {result['max_abs_error']:.2e}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Typed run configuration and peer profiles.
+
+A run config (`configs/*.yaml`) is one complete description of a run: model, data, training, averaging, swarm. A peer
+profile (`peers/*.yaml`) says what one machine brings. Both reject unknown keys and name the bad value:
+
+    cfg = load_config("configs/tiny.yaml", overrides=["averaging.timeout=30"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from p2pfed.errors import ConfigError
+
+__all__ = [
+    "AveragingConfig",
+    "CompressionConfig",
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "Profile",
+    "RunConfig",
+    "SwarmConfig",
+    "TrainingConfig",
+    "apply_overrides",
+    "load_config",
+    "load_profile",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(_Section):
+    id: str = Field(
+        "p2pfed", min_length=1, pattern=r"^[A-Za-z0-9_\-]+$", description="run name; peers of one run share it"
+    )
+    seed: int = Field(0, ge=0, description="seed for model init and data order; identical on every peer")
+
+
+class ModelConfig(_Section):
+    arch: Literal["llama", "gpt2"] = Field("llama", description="transformers architecture built from a config")
+    preset: Literal["tiny", "small", "base", "1b"] = Field("tiny", description="size preset; fields below override it")
+    path: str | None = Field(None, description="local directory of a saved transformers model; replaces arch/preset")
+    hidden_size: int | None = Field(None, ge=8)
+    num_layers: int | None = Field(None, ge=1)
+    num_heads: int | None = Field(None, ge=1)
+    intermediate_size: int | None = Field(None, ge=8)
+    seq_len: int = Field(64, ge=8, description="tokens per training sequence")
+    tokenizer: str = Field(
+        "byte", description="'byte' (256 ids, nothing to download) or a local HF tokenizer directory"
+    )
+
+
+class DataConfig(_Section):
+    source: Literal["embedded", "files"] = Field(
+        "embedded", description="'embedded': this Python's standard library sources; 'files': the paths below"
+    )
+    paths: list[str] = Field(default_factory=list, description="text (.txt) or JSON lines (.jsonl) files, or globs")
+    text_field: str = Field("text", description="field holding the text in JSON lines records")
+    max_chars: int = Field(8_000_000, ge=10_000, description="read at most this many characters of the source")
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="held-out share of sequences used for eval loss")
+    partitioner: Literal["iid"] = Field("iid", description="how training sequences are split across peers")
+    num_partitions: int | None = Field(None, ge=1, description="default: swarm.min_peers")
+    partition_index: int | None = Field(None, ge=0, description="this peer's shard; default: derived from its id")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.source == "files" and not self.paths:
+            raise ValueError("data.paths must list at least one file when data.source is 'files'")
+        if self.partition_index is not None and self.num_partitions is not None:
+            if self.partition_index >= self.num_partitions:
+                raise ValueError(
+                    f"data.partition_index must be < data.num_partitions ({self.num_partitions}), "
+                    f"got {self.partition_index}"
+                )
+        return self
+
+
+class TrainingConfig(_Section):
+    batch_size: int = Field(8, ge=1, description="sequences per peer per step")
+    micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward/backward; default batch_size")
+    lr: float = Field(3e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="clip the averaged gradient to this L2 norm")
+    warmup_steps: int = Field(0, ge=0)
+    eval_every: int = Field(10, ge=1, description="steps between eval-loss measurements")
+    eval_sequences: int = Field(64, ge=1, description="validation sequences per eval (the same on every peer)")
+    max_steps: int | None = Field(None, ge=1, description="global step at which peers stop; --max-steps overrides")
+
+
+class CompressionConfig(_Section):
+    name: Literal["none", "fp16", "uint8"] = Field("none", description="wire format of averaged tensors")
+
+
+class AveragingConfig(_Section):
+    mode: Literal["sync"] = Field("sync", description="'sync': average gradients every step")
+    timeout: float = Field(30.0, gt=0.0, description="seconds an all-reduce may take before the round fails")
+    matchmaking_time: float = Field(1.0, gt=0.0, description="seconds a leader waits for a group to fill")
+    request_timeout: float = Field(3.0, gt=0.0, description="seconds for one matchmaking request")
+    round_timeout: float = Field(60.0, gt=0.0, description="seconds a whole round (matchmaking + all-reduce) may take")
+    target_group_size: int | None = Field(None, ge=2, description="largest averaging group; default swarm.min_peers")
+    min_group_size: int = Field(2, ge=2, description="smallest group that may commit a round")
+
+    @model_validator(mode="after")
+    def _check(self) -> AveragingConfig:
+        if self.round_timeout <= self.matchmaking_time:
+            raise ValueError(
+                f"averaging.round_timeout must exceed averaging.matchmaking_time ({self.matchmaking_time}), "
+                f"got {self.round_timeout}"
+            )
+        return self
+
+
+class SwarmConfig(_Section):
+    min_peers: int = Field(1, ge=1, description="peers that must be live before the first step")
+    join_timeout: float = Field(120.0, gt=0.0, description="seconds to wait for min_peers before giving up")
+    announce_every: float = Field(2.0, gt=0.0, description="seconds between this peer's DHT announcements")
+    record_ttl: float = Field(10.0, gt=0.0, description="seconds an announcement stays live without renewal")
+    listen: str = Field("/ip4/127.0.0.1/tcp/0", description="multiaddr the DHT and averager listen on")
+
+
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    averaging: AveragingConfig = Field(default_factory=AveragingConfig)
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+
+    @property
+    def group_size(self) -> int:
+        return self.averaging.target_group_size or max(self.swarm.min_peers, self.averaging.min_group_size)
+
+
+class Profile(_Section):
+    """What one kind of machine brings to the swarm."""
+
+    name: str = "local-cpu"
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where torch compute runs")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice")
+    memory_cap_gb: float | None = Field(None, gt=0.0, description="memory this peer may use")
+    cloud: str = Field("local", min_length=1, description="cloud or site label, e.g. aws, gcp, onprem")
+    region: str = Field("", description="region label, e.g. us-east-1")
+    slowdown: float = Field(1.0, ge=1.0, description="emulate slower hardware: sleep (slowdown-1)x compute time")
+    client_mode: bool = Field(False, description="dial out only; for peers that cannot accept connections")
+
+
+def _format_error(err: ValidationError, where: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{where}: unknown key {key!r}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":
+        return f"{where}: {msg}"
+    return f"{where}: {key}: {msg}, got {first.get('input')!r}"
+
+
+def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (values parsed as YAML) to a nested dict, in order."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set expects KEY=VALUE with a dotted key, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        *parents, leaf = key.split(".")
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+            node = child
+        node[leaf] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a run config, apply --set overrides and validate; raises ConfigError with one sentence."""
+    data = _read_yaml(path, "config") if path is not None else {}
+    apply_overrides(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, f"config {str(path) if path else '(defaults)'}")) from None
+
+
+def load_profile(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
+    """Read a peer profile (or the defaults) and validate it; raises ConfigError with one sentence."""
+    data = _read_yaml(path, "profile") if path is not None else {}
+    apply_overrides(data, overrides)
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, f"profile {str(path) if path else '(defaults)'}")) from None

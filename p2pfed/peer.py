@@ -1,0 +1,362 @@
+"""One peer: wires the actors together and runs the round loop.
+
+    report = asyncio.run(Peer(cfg, profile, options).run())
+
+Each round: the Trainer computes a gradient on its shard, the Averager all-reduces it with the group (weighted by
+samples), and only a committed round reaches the optimizer. A peer that finds itself behind the swarm (it missed a
+round, or joined late) downloads model and optimizer state from the most advanced peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import save_file
+
+from p2pfed.actors.averager import Averager
+from p2pfed.actors.base import Supervisor
+from p2pfed.actors.discovery import Discovery
+from p2pfed.actors.messages import (
+    Announce,
+    ApplyUpdate,
+    ComputeGradients,
+    DownloadState,
+    Evaluate,
+    Event,
+    GetPeers,
+    LoadState,
+    PeerRecord,
+    Progress,
+    RoundResult,
+    RunRound,
+    Snapshot,
+)
+from p2pfed.actors.monitor import Monitor, Sink
+from p2pfed.actors.trainer import Trainer
+from p2pfed.config import Config, Profile
+from p2pfed.data import load_corpus
+from p2pfed.errors import UserError
+from p2pfed.log import PeerContext
+
+__all__ = ["Peer", "PeerOptions"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_DUMP_ROUNDS = 3  # --dump-grads keeps the first few committed rounds only
+
+
+@dataclass(kw_only=True, slots=True)
+class PeerOptions:
+    initial_peers: list[str] = field(default_factory=list)
+    identity_path: str | None = None
+    max_steps: int | None = None
+    report_path: str | None = None
+    save_params: str | None = None
+    dump_grads: str | None = None
+    sink: Sink | None = None
+    context: PeerContext = field(default_factory=PeerContext)
+
+
+class Peer:
+    def __init__(self, cfg: Config, profile: Profile, options: PeerOptions) -> None:
+        self.cfg, self.profile, self.opt = cfg, profile, options
+        self.max_steps = options.max_steps or cfg.training.max_steps
+        self.ctx = options.context
+        self.stats: dict[str, Any] = {
+            "rounds_ok": 0,
+            "rounds_failed": 0,
+            "rounds_solo": 0,
+            "state_downloads": 0,
+            "compute_s": 0.0,
+            "failures": collections.Counter(),
+        }
+
+    # --- helpers -------------------------------------------------------------------------------------------------
+
+    async def _until_stop(self, aw: Awaitable[T]) -> T | None:
+        """Await `aw` unless a stop is requested first (then cancel it and return None)."""
+        task = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self.sup.stop_requested.wait())
+        done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            stop.cancel()
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+        return None
+
+    def _record(self, *, loss: float | None, finished: bool = False) -> PeerRecord:
+        return PeerRecord(
+            peer_id=self.peer_id,
+            cloud=self.profile.cloud,
+            device=str(self.trainer.device) if hasattr(self, "trainer") else self.profile.device,
+            step=self.trainer.step if hasattr(self, "trainer") else 0,
+            loss=loss,
+            samples_per_s=round(self.samples_per_s, 2),
+            finished=finished,
+        )
+
+    async def _is_alone(self) -> bool:
+        """True when no other unfinished peer is live (checked at most every announce period)."""
+        now = time.monotonic()
+        if now - self._alone_checked[0] > self.cfg.swarm.announce_every:
+            others = [p for p in await self._others() if not p.finished]
+            self._alone_checked = (now, not others)
+        return self._alone_checked[1]
+
+    async def _others(self) -> list[PeerRecord]:
+        peers = await self.discovery.ask(GetPeers(), timeout=self.cfg.averaging.request_timeout * 4)
+        return [p for p in peers if p.peer_id != self.peer_id]
+
+    # --- lifecycle -----------------------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        cfg = self.cfg
+        self.samples_per_s = 0.0
+        self._alone_checked = (0.0, False)
+        self.monitor = Monitor(self.opt.sink)
+        self.discovery = Discovery(
+            run_id=cfg.run.id,
+            listen=cfg.swarm.listen,
+            initial_peers=self.opt.initial_peers,
+            client_mode=self.profile.client_mode,
+            identity_path=self.opt.identity_path,
+            record_ttl=cfg.swarm.record_ttl,
+            announce_every=cfg.swarm.announce_every,
+            run_info={"min_peers": cfg.swarm.min_peers, "mode": cfg.averaging.mode},
+        )
+        self.sup = Supervisor([self.monitor, self.discovery])
+        try:
+            await self.sup.start()
+            self.peer_id = self.discovery.peer_id
+            self.ctx.peer = self.peer_id[-6:]
+            maddrs = self.discovery.visible_maddrs()
+            self.monitor.tell(
+                Event("bootstrap", f"bootstrap: {maddrs[0]}", {"maddrs": maddrs, "peer_id": self.peer_id})
+            )
+
+            corpus = await asyncio.to_thread(load_corpus, cfg.data, cfg.model, seed=cfg.run.seed)
+            count = cfg.data.num_partitions or cfg.swarm.min_peers
+            index = cfg.data.partition_index
+            if index is None:
+                index = int(hashlib.sha256(self.peer_id.encode()).hexdigest(), 16) % count
+            shard = corpus.partition(index=index, count=count)
+            self.data_info = {
+                "digest": corpus.digest,
+                "partition_index": index,
+                "num_partitions": count,
+                "train_sequences": len(shard),
+                "val_sequences": len(corpus.val),
+            }
+            self.trainer = Trainer(cfg, self.profile, corpus, shard, shard_index=index)
+            await self.sup.start_one(self.trainer)
+            self.averager = Averager(
+                cfg,
+                dht=self.discovery.dht,
+                numel=self.trainer.numel,
+                state_fn=self.trainer.current_state,
+                client_mode=self.profile.client_mode,
+            )
+            await self.sup.start_one(self.averager)
+            self.sup.install_signal_handlers()
+            self.discovery.tell(Announce(self._record(loss=None)))
+            report = await self._train(t_start)
+        finally:
+            await self.sup.stop()
+        return report
+
+    async def _wait_for_swarm(self) -> bool:
+        need, deadline = self.cfg.swarm.min_peers, time.monotonic() + self.cfg.swarm.join_timeout
+        announced = False
+        while True:
+            others = [p for p in await self._others() if not p.finished]
+            if len(others) + 1 >= need:
+                return True
+            if not announced:
+                self.monitor.tell(Event("waiting", f"waiting for {need - 1 - len(others)} more peer(s) to join"))
+                announced = True
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"only {len(others) + 1} of swarm.min_peers={need} peers joined within "
+                    f"{self.cfg.swarm.join_timeout:.0f}s"
+                )
+            if await self._until_stop(asyncio.sleep(0.5, result=True)) is None:
+                return False
+
+    async def _catch_up(self, target_step: int) -> bool:
+        """Download state from the most advanced peer; True if we are now at or past `target_step`."""
+        state = await self.averager.ask(DownloadState(), timeout=self.cfg.averaging.timeout * 3)
+        if state is None:
+            return False
+        metadata, tensors = state
+        if int(metadata.get("step", -1)) < self.trainer.step:
+            return False
+        await self.trainer.ask(LoadState(metadata, list(tensors)), timeout=self.cfg.averaging.timeout)
+        self.stats["state_downloads"] += 1
+        self.monitor.tell(
+            Event("state", f"downloaded swarm state at step {self.trainer.step}", {"step": self.trainer.step})
+        )
+        self.averager.set_state_priority(self.trainer.step)
+        return self.trainer.step >= target_step
+
+    async def _train(self, t_start: float) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.training
+        eval_timeout = 600.0
+        if not await self._wait_for_swarm():
+            return await self._finish(t_start, None, None, None, None)
+        others = await self._others()
+        ahead = max((p.step for p in others if not p.finished), default=0)
+        if ahead > self.trainer.step:
+            self.monitor.tell(Event("joining", f"swarm is at step {ahead}: downloading its state"))
+            for _ in range(3):
+                if await self._catch_up(ahead):
+                    break
+        start_step = self.trainer.step
+        self.start_step = start_step
+        self.ctx.step = start_step
+        initial_eval = await self.trainer.ask(Evaluate(), timeout=eval_timeout)
+        eval_loss: float | None = initial_eval
+        initial_loss = final_loss = None
+        dumped = 0
+        alone_since: float | None = None
+
+        while not self.sup.stop_requested.is_set():
+            step = self.trainer.step
+            self.ctx.step = step
+            if self.max_steps is not None and step >= self.max_steps:
+                break
+            grads = await self._until_stop(self.trainer.ask(ComputeGradients(), timeout=eval_timeout))
+            if grads is None:
+                break
+            self.stats["compute_s"] += grads.compute_s
+            rate = grads.samples / max(grads.compute_s, 1e-9)
+            self.samples_per_s = rate if self.samples_per_s == 0 else 0.8 * self.samples_per_s + 0.2 * rate
+            local = grads.flat_grad.clone() if self.opt.dump_grads and dumped < _DUMP_ROUNDS else None
+            if await self._is_alone():
+                rnd = RoundResult(committed=True, group_size=1)  # nobody to average with: a local step
+            else:
+                rnd = await self._until_stop(
+                    self.averager.ask(
+                        RunRound(step=step, flat_grad=grads.flat_grad, weight=grads.samples),
+                        timeout=cfg.averaging.round_timeout + cfg.averaging.timeout + 10,
+                    )
+                )
+            if rnd is None:
+                break
+            if rnd.committed:
+                if local is not None:
+                    self._dump(step, grads.samples, local, grads.flat_grad)
+                    dumped += 1
+                await self.trainer.ask(ApplyUpdate(step), timeout=eval_timeout)
+                self.stats["rounds_ok" if rnd.group_size > 1 else "rounds_solo"] += 1
+                self.averager.set_state_priority(self.trainer.step)
+                initial_loss = grads.loss if initial_loss is None else initial_loss
+                final_loss = grads.loss
+                alone_since = None
+            else:
+                self.stats["rounds_failed"] += 1
+                self.stats["failures"][rnd.reason.split(":")[0]] += 1
+                logger.warning("round failed (%s); step skipped", rnd.reason)
+                others = [p for p in await self._others() if not p.finished]
+                ahead = max([p.step for p in others] + [rnd.max_group_step])
+                if ahead > self.trainer.step:
+                    await self._catch_up(ahead)
+                if not others:
+                    alone_since = alone_since or time.monotonic()
+                    if time.monotonic() - alone_since > cfg.swarm.join_timeout:
+                        raise UserError(
+                            f"no other live peer for {cfg.swarm.join_timeout:.0f}s; "
+                            f"stopping at step {self.trainer.step}"
+                        )
+                    finished = [p for p in await self._others() if p.finished]
+                    if finished and cfg.averaging.min_group_size > 1:
+                        self.monitor.tell(Event("finished", "the rest of the swarm has finished; stopping"))
+                        break
+            if self.trainer.step != step and (self.trainer.step % t.eval_every == 0):
+                eval_loss = await self.trainer.ask(Evaluate(), timeout=eval_timeout)
+            self.discovery.tell(Announce(self._record(loss=final_loss)))
+            self.monitor.tell(
+                Progress(
+                    step=self.trainer.step,
+                    max_steps=self.max_steps,
+                    loss=grads.loss,
+                    eval_loss=eval_loss,
+                    samples_per_s=self.samples_per_s,
+                    group_size=rnd.group_size,
+                    rounds_ok=self.stats["rounds_ok"],
+                    rounds_failed=self.stats["rounds_failed"],
+                )
+            )
+        return await self._finish(t_start, initial_eval, initial_loss, final_loss, eval_timeout)
+
+    async def _finish(
+        self,
+        t_start: float,
+        initial_eval: float | None,
+        initial_loss: float | None,
+        final_loss: float | None,
+        eval_timeout: float | None,
+    ) -> dict[str, Any]:
+        eval_loss = await self.trainer.ask(Evaluate(), timeout=eval_timeout or 600.0)
+        self.discovery.tell(Announce(self._record(loss=final_loss, finished=True)))
+        params = await self.trainer.ask(Snapshot(), timeout=600.0)
+        if self.opt.save_params:
+            Path(self.opt.save_params).parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in params.items()}, self.opt.save_params)
+        start = getattr(self, "start_step", self.trainer.step)
+        report = {
+            "peer_id": self.peer_id,
+            "steps": self.trainer.step - start,
+            "samples": self.trainer.samples_seen,
+            "initial_loss": initial_loss,
+            "final_loss": final_loss,
+            "eval_loss": eval_loss,
+            "rounds_ok": self.stats["rounds_ok"],
+            "rounds_failed": self.stats["rounds_failed"],
+            "rounds_solo": self.stats["rounds_solo"],
+            "bytes_sent": self.averager.bytes_sent,
+            "bytes_received": self.averager.bytes_received,
+            "param_l2": self.trainer.param_l2(),
+            "initial_eval_loss": initial_eval,
+            "start_step": start,
+            "final_step": self.trainer.step,
+            "state_downloads": self.stats["state_downloads"],
+            "failure_reasons": dict(self.stats["failures"]),
+            "compute_s": round(self.stats["compute_s"], 3),
+            "wall_s": round(time.perf_counter() - t_start, 3),
+            "samples_per_s": round(self.samples_per_s, 2),
+            "cloud": self.profile.cloud,
+            "device": str(self.trainer.device),
+            "parameters": self.trainer.numel,
+            "data": self.data_info,
+        }
+        if self.opt.report_path:
+            Path(self.opt.report_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.opt.report_path).write_text(json.dumps(report, indent=2))
+        self.monitor.tell(Event("done", f"finished at step {self.trainer.step}: eval loss {eval_loss:.4f}", report))
+        return report
+
+    def _dump(self, step: int, weight: int, local: torch.Tensor, averaged: torch.Tensor) -> None:
+        assert self.opt.dump_grads is not None
+        out = Path(self.opt.dump_grads)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"local": local, "averaged": averaged.clone(), "weight": torch.tensor([float(weight)])},
+            str(out / f"{self.peer_id}-step{step}.safetensors"),
+        )

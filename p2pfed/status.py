@@ -1,0 +1,59 @@
+"""`p2pfed status`: join the DHT as a client (no listening socket) and list the live peers of each run."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from p2pfed.actors.discovery import read_peers, runs_key, start_dht
+from p2pfed.errors import UserError
+
+__all__ = ["collect_status", "render_status"]
+
+
+def collect_status(initial_peers: list[str], *, run_id: str | None, timeout: float) -> list[dict[str, Any]]:
+    dht = start_dht(
+        initial_peers=initial_peers, listen="/ip4/127.0.0.1/tcp/0", client_mode=True, startup_timeout=timeout
+    )
+    try:
+        found = dht.get(runs_key(), latest=True, return_future=True).result(timeout=timeout)
+        run_ids = sorted(found.value) if found is not None and isinstance(found.value, dict) else []
+        if run_id is not None:
+            if run_id not in run_ids:
+                known = ", ".join(run_ids) or "none"
+                raise UserError(f"no live peers of run {run_id!r} in this swarm (runs seen: {known})")
+            run_ids = [run_id]
+        runs = []
+        for rid in run_ids:
+            info = getattr(found.value[rid], "value", {}) if found is not None else {}
+            peers = [dataclasses.asdict(p) for p in read_peers(dht, rid, timeout=timeout)]
+            runs.append({"run_id": rid, "info": info, "peers": peers})
+        return runs
+    finally:
+        dht.shutdown()
+
+
+def render_status(runs: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not runs:
+        console.print("no live runs found")
+        return
+    for run in runs:
+        table = Table(title=f"run {run['run_id']}", title_justify="left")
+        for col in ("peer", "cloud", "device", "step", "loss", "samples/s", "state"):
+            table.add_column(col, justify="right" if col in ("step", "loss", "samples/s") else "left")
+        for p in run["peers"]:
+            loss = f"{p['loss']:.4f}" if p["loss"] is not None else "-"
+            table.add_row(
+                p["peer_id"],
+                p["cloud"],
+                p["device"],
+                str(p["step"]),
+                loss,
+                f"{p['samples_per_s']:.1f}",
+                "finished" if p["finished"] else "training",
+            )
+        console.print(table)

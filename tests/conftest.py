@@ -1,0 +1,170 @@
+"""Helpers for tests that start real peer processes on loopback.
+
+Every process is started in its own session (its own process group), so teardown can kill the peer together with
+its DHT, averager and p2pd children; tests then assert that nothing of theirs is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+CPU_PROFILE = str(ROOT / "peers" / "local-cpu.yaml")
+
+
+def p2pd_pids() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "p2pd":
+                    pids.add(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def cmdline_matches(needle: str) -> list[int]:
+    """PIDs (this one excluded) whose command line mentions `needle`; forked DHT/averager children keep it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if needle in cmd and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def group_members(pgids: set[int]) -> list[int]:
+    """PIDs (zombies excluded) whose process group is one of `pgids`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, pgid = fields[0], int(fields[2])
+        if pgid in pgids and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+class PeerProcess:
+    """One `p2pfed ...` process in its own session, stdout/stderr captured to files."""
+
+    def __init__(self, args: list[str], workdir: Path, name: str) -> None:
+        self.name = name
+        self.out_path, self.err_path = workdir / f"{name}.out", workdir / f"{name}.err"
+        self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "p2pfed", *args],
+            stdout=self._out,
+            stderr=self._err,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid
+
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def wait_for(self, needle: str, timeout: float) -> str:
+        """Wait until stdout has a line containing `needle`; return that line."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.stdout().splitlines():
+                if needle in line:
+                    return line
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name}: no {needle!r} within {timeout}s; stderr tail:\n{self.stderr()[-2000:]}")
+
+    def bootstrap(self, timeout: float = 90) -> str:
+        return self.wait_for("bootstrap: ", timeout).split("bootstrap: ", 1)[1].strip()
+
+    def progress_step(self) -> int:
+        step = 0
+        for line in self.stdout().splitlines():
+            if line.startswith("{"):
+                event = json.loads(line)
+                if event.get("kind") == "progress":
+                    step = event["step"]
+        return step
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} still running after {timeout}s; stderr:\n{self.stderr()[-3000:]}")
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self._out.close()
+        self._err.close()
+
+
+class Launcher:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[PeerProcess] = []
+        self.p2pd_before = p2pd_pids()
+
+    def start(self, *args: str, name: str | None = None) -> PeerProcess:
+        proc = PeerProcess(list(args), self.workdir, name or f"proc{len(self.procs)}")
+        self.procs.append(proc)
+        return proc
+
+    def leftovers(self) -> list[int]:
+        """Processes still alive in any of our process groups, plus p2pd daemons that appeared during the test."""
+        ours = group_members({p.pgid for p in self.procs}) + cmdline_matches(str(self.workdir))
+        return sorted(set(ours) | (p2pd_pids() - self.p2pd_before))
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Iterator[Launcher]:
+    launch = Launcher(tmp_path)
+    yield launch
+    for proc in launch.procs:
+        proc.kill()
+
+
+def wait_no_leftovers(launch: Launcher, timeout: float = 20) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = launch.leftovers()
+        if not left:
+            return []
+        time.sleep(0.25)
+    return launch.leftovers()

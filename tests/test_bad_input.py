@@ -1,0 +1,43 @@
+"""Bad input: one clear line on stderr, a non-zero exit, quickly, and no traceback."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, Launcher, wait_no_leftovers
+
+# A well-formed peer id nobody listens for, on a port nobody listens on.
+_ABSENT_PEER = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWQzfeUBkc1WVAFp3wfB8DkVx34YpUJsK6fbTYp8WAjk4f"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["peer", "--config", TINY, "--initial-peers", "not-a-multiaddr"], "not-a-multiaddr"),
+        (["peer", "--config", TINY, "--initial-peers", "/ip4/127.0.0.1/tcp/9"], "peer id"),
+        (["peer", "--config", TINY, "--initial-peers", _ABSENT_PEER], "could not reach"),
+        (["peer", "--config", TINY, "--set", "averaging.bogus=1"], "averaging.bogus"),
+        (["peer", "--config", TINY, "--set", "averaging.timeout=-5"], "averaging.timeout"),
+        (["peer", "--config", "/nonexistent/run.yaml"], "does not exist"),
+        (["swarm", "--peers", "2", "--config", TINY, "--set", "modle.arch=llama"], "modle"),
+        (["status", "--initial-peers", _ABSENT_PEER], "could not reach"),
+    ],
+    ids=["malformed", "no-peer-id", "unreachable", "unknown-key", "bad-value", "missing-config", "swarm-key", "status"],
+)
+def test_bad_input_exits_with_one_line(launcher: Launcher, tmp_path: Path, args: list[str], expected: str) -> None:
+    # Execute
+    t0 = time.monotonic()
+    proc = launcher.start(*args, name="bad")
+    code = proc.wait(timeout=30)
+    elapsed = time.monotonic() - t0
+
+    # Assert
+    lines = [line for line in proc.stderr().splitlines() if line.strip()]
+    assert code == 2, proc.stderr()
+    assert elapsed < 30
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert "Traceback" not in proc.stderr() + proc.stdout()
+    assert wait_no_leftovers(launcher) == []

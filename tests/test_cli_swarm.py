@@ -1,0 +1,69 @@
+"""Integration: `p2pfed swarm` runs local peers to completion or until Ctrl+C, writes the combined report, and
+leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from p2pfed.report import PEER_KEYS
+from tests.conftest import TINY, Launcher, wait_no_leftovers
+
+pytestmark = pytest.mark.slow
+
+
+def test_swarm_runs_to_max_steps(launcher: Launcher, tmp_path: Path) -> None:
+    # Execute
+    swarm = launcher.start(
+        "swarm", "--peers", "2", "--config", TINY, "--max-steps", "15", "--run-dir", str(tmp_path / "run"),
+        "--report", str(tmp_path / "report.json"), name="swarm",
+    )  # fmt: skip
+    code = swarm.wait(timeout=240)
+
+    # Assert
+    assert code == 0, swarm.stdout()[-3000:] + swarm.stderr()[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report) == {"run_id", "peers", "max_param_divergence"}
+    assert report["run_id"] == "tiny" and len(report["peers"]) == 2
+    for peer in report["peers"]:
+        assert set(PEER_KEYS) <= set(peer)
+        assert peer["final_step"] == 15 and peer["rounds_ok"] >= 1
+    assert 0 <= report["max_param_divergence"] < 1e-4
+    assert "summary" in swarm.stdout()
+    assert wait_no_leftovers(launcher) == []
+
+
+def test_swarm_stops_cleanly_on_ctrl_c(launcher: Launcher, tmp_path: Path) -> None:
+    # Prepare: a swarm that would run for a long time.
+    run_dir = tmp_path / "run"
+    swarm = launcher.start(
+        "swarm", "--peers", "2", "--config", TINY, "--max-steps", "100000", "--run-dir", str(run_dir), name="swarm"
+    )
+    deadline = time.monotonic() + 120
+    while not all(_logged_step(run_dir / f"peer-{i}.log") >= 5 for i in range(2)):
+        assert time.monotonic() < deadline and swarm.proc.poll() is None, swarm.stdout()[-3000:]
+        time.sleep(0.3)
+
+    # Execute: Ctrl+C reaches the launcher only (peers live in their own sessions).
+    swarm.proc.send_signal(signal.SIGINT)
+    code = swarm.wait(timeout=60)
+
+    # Assert: stopped, every peer still wrote its report, nothing left running.
+    assert code == 130, swarm.stdout()[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert len(report["peers"]) == 2 and all(p["steps"] >= 5 for p in report["peers"])
+    assert report["max_param_divergence"] is not None
+    assert wait_no_leftovers(launcher) == []
+
+
+def _logged_step(log: Path) -> int:
+    step = 0
+    if log.exists():
+        for line in log.read_text().splitlines():
+            if line.startswith('{"kind": "progress"'):
+                step = json.loads(line)["step"]
+    return step

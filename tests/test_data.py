@@ -1,0 +1,245 @@
+"""Corpus loading, the seeded train/val split and per-peer partitions, checked against plain byte arithmetic.
+
+.venv/bin/python -m pytest -q tests/test_data.py
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from p2pfed.config import DataConfig, ModelConfig
+from p2pfed.data import Corpus, load_corpus, read_texts
+from p2pfed.errors import ConfigError
+
+SMALL = DataConfig(max_chars=200_000)  # a few dozen stdlib modules: ~3k sequences of 64 bytes, loads in about a second
+MODEL = ModelConfig(seq_len=64)
+
+
+def _rows(t: torch.Tensor) -> Counter[tuple[int, ...]]:
+    """The rows of a (N, T) tensor as a multiset (a corpus can repeat a block, so sets would hide duplicates)."""
+    return Counter(tuple(r) for r in t.tolist())
+
+
+def _reference_blocks(texts: list[str], seq_len: int) -> torch.Tensor:
+    """Plain reference of the byte tokenizer: documents joined by a blank line, utf-8 bytes, cut into full blocks."""
+    data = "\n\n".join(texts).encode("utf-8")
+    n = len(data) // seq_len
+    return torch.tensor(list(data[: n * seq_len]), dtype=torch.int64).reshape(n, seq_len)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Corpus:
+    return load_corpus(SMALL, MODEL, seed=0)
+
+
+# --- embedded source -------------------------------------------------------------------------------------------------
+
+
+def test_embedded_sequences_have_the_configured_shape_dtype_and_range(corpus):
+    # Assert
+    assert corpus.vocab_size == 256
+    for split in (corpus.train, corpus.val):
+        assert split.dtype == torch.int64
+        assert split.ndim == 2 and split.shape[1] == MODEL.seq_len
+        assert split.shape[0] > 0
+        assert int(split.min()) >= 0 and int(split.max()) < corpus.vocab_size
+
+
+def test_embedded_text_is_python_source(corpus):
+    # Execute
+    raw = bytes(torch.cat([corpus.train, corpus.val]).flatten().tolist())
+
+    # Assert
+    assert b"def " in raw
+    assert b"import " in raw
+    assert b"return " in raw
+
+
+def test_embedded_read_texts_respects_max_chars():
+    # Execute
+    texts = read_texts(SMALL)
+
+    # Assert
+    assert len(texts) > 1
+    assert sum(len(t) for t in texts) == SMALL.max_chars
+
+
+def test_train_and_val_split_every_block_of_the_stream_once(corpus):
+    # Prepare
+    blocks = _reference_blocks(read_texts(SMALL), MODEL.seq_len)
+
+    # Execute
+    train_and_val = torch.cat([corpus.train, corpus.val])
+
+    # Assert: together they hold each block of the token stream exactly once, so they are disjoint
+    assert len(corpus.train) + len(corpus.val) == len(blocks)
+    assert _rows(train_and_val) == _rows(blocks)
+    assert len(corpus.val) == max(1, int(len(blocks) * SMALL.val_fraction))
+
+
+def test_same_config_and_seed_give_identical_splits(corpus):
+    # Execute
+    again = load_corpus(SMALL, MODEL, seed=0)
+
+    # Assert
+    assert torch.equal(again.train, corpus.train)
+    assert torch.equal(again.val, corpus.val)
+    assert again.digest == corpus.digest
+
+
+def test_a_different_seed_gives_a_different_order_of_the_same_blocks(corpus):
+    # Execute
+    other = load_corpus(SMALL, MODEL, seed=1)
+
+    # Assert
+    assert not torch.equal(other.train, corpus.train)
+    assert other.digest == corpus.digest  # the token stream is the same; only the order differs
+    assert _rows(torch.cat([other.train, other.val])) == _rows(torch.cat([corpus.train, corpus.val]))
+
+
+# --- partitions ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_partitions_cover_the_training_split_exactly_once(corpus, count):
+    # Execute
+    shards = [corpus.partition(index=i, count=count) for i in range(count)]
+
+    # Assert
+    assert sum(len(s) for s in shards) == len(corpus.train)
+    assert _rows(torch.cat(shards)) == _rows(corpus.train)
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1  # iid: balanced
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_partitions_are_pairwise_disjoint(count):
+    # Prepare: a corpus whose rows are all distinct, so row identity is position identity
+    n, seq = 23, 4
+    unique = Corpus(
+        train=torch.arange(n * seq, dtype=torch.int64).reshape(n, seq),
+        val=torch.full((1, seq), -1, dtype=torch.int64),
+        vocab_size=n * seq,
+        digest="",
+        seed=0,
+    )
+
+    # Execute
+    shards = [set(_rows(unique.partition(index=i, count=count))) for i in range(count)]
+
+    # Assert
+    for i in range(count):
+        for j in range(i + 1, count):
+            assert not shards[i] & shards[j], (i, j)
+    assert set().union(*shards) == set(_rows(unique.train))
+
+
+def test_partition_is_the_same_on_every_call(corpus):
+    # Execute / Assert
+    assert torch.equal(corpus.partition(index=1, count=3), corpus.partition(index=1, count=3))
+
+
+@pytest.mark.parametrize(("index", "count"), [(3, 3), (-1, 3), (0, 0), (5, 2)])
+def test_bad_partition_index_raises_config_error(corpus, index, count):
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="partition"):
+        corpus.partition(index=index, count=count)
+
+
+# --- files source ----------------------------------------------------------------------------------------------------
+
+
+def _numbered_lines(prefix: str, n: int) -> str:
+    """Numbered lines with non-ASCII characters, so tokens must be utf-8 bytes rather than characters."""
+    return "".join(f"{prefix} ligne n°{i:04d} — ok\n" for i in range(n))
+
+
+def test_txt_and_jsonl_files_tokenize_to_the_utf8_bytes_of_their_text(tmp_path):
+    # Prepare
+    txt = _numbered_lines("txt", 40)
+    docs = [_numbered_lines(f"doc{k}", 5) for k in range(3)]
+    (tmp_path / "a.txt").write_text(txt, encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d, "id": k}) + "\n" for k, d in enumerate(docs)))
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], max_chars=100_000)
+    model = ModelConfig(seq_len=16)
+
+    # Execute
+    texts = read_texts(cfg)
+    corpus = load_corpus(cfg, model, seed=0)
+
+    # Assert
+    assert texts == [txt, *docs]
+    expected = _reference_blocks([txt, *docs], model.seq_len)
+    assert _rows(torch.cat([corpus.train, corpus.val])) == _rows(expected)
+
+
+def test_jsonl_with_a_custom_text_field(tmp_path):
+    # Prepare
+    docs = [_numbered_lines(f"body{k}", 4) for k in range(4)]
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps({"text": "not this", "body": d}) + "\n" for d in docs))
+    cfg = DataConfig(source="files", paths=[str(path)], text_field="body")
+
+    # Execute
+    corpus = load_corpus(cfg, ModelConfig(seq_len=16), seed=0)
+
+    # Assert
+    assert read_texts(cfg) == docs
+    assert _rows(torch.cat([corpus.train, corpus.val])) == _rows(_reference_blocks(docs, 16))
+
+
+def test_glob_pattern_picks_up_files_in_sorted_order(tmp_path):
+    # Prepare
+    (tmp_path / "b.txt").write_text("second file\n")
+    (tmp_path / "a.txt").write_text("first file\n")
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "*.txt")])
+
+    # Execute
+    texts = read_texts(cfg)
+
+    # Assert
+    assert texts == ["first file\n", "second file\n"]
+
+
+def test_missing_file_raises_config_error(tmp_path):
+    # Prepare
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "missing.txt")])
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="missing.txt"):
+        load_corpus(cfg, MODEL, seed=0)
+
+
+def test_glob_matching_nothing_raises_config_error(tmp_path):
+    # Prepare
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "*.jsonl")])
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="matched no files"):
+        load_corpus(cfg, MODEL, seed=0)
+
+
+def test_wrong_text_field_raises_config_error(tmp_path):
+    # Prepare
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps({"text": "hello"}) + "\n")
+    cfg = DataConfig(source="files", paths=[str(path)], text_field="content")
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="'content'"):
+        load_corpus(cfg, MODEL, seed=0)
+
+
+def test_too_little_text_for_one_sequence_raises_config_error(tmp_path):
+    # Prepare
+    path = tmp_path / "short.txt"
+    path.write_text("x" * 100)
+    cfg = DataConfig(source="files", paths=[str(path)])
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="too few"):
+        load_corpus(cfg, ModelConfig(seq_len=64), seed=0)
