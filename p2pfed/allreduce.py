@@ -113,6 +113,15 @@ class SwarmAverager(DecentralizedAverager):
     def bytes_received(self) -> int:
         return int(self._counters.received.value)
 
+    def set_target_group_size(self, size: int) -> None:
+        """Start all-reduce as soon as `size` peers have joined a group (else after the matchmaking time)."""
+        self._outer_pipe.send(("_set_target_group_size", [size], {}))
+
+    async def _set_target_group_size(self, size: int) -> None:
+        self._matchmaking.target_group_size = size
+        self._matchmaking.potential_leaders.target_group_size = size
+        self._matchmaking.group_key_manager.target_group_size = size
+
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
         self._last_runner: _CountingRunner | None = None
         gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)

@@ -101,18 +101,26 @@ class CompressionConfig(_Section):
 class AveragingConfig(_Section):
     mode: Literal["sync"] = Field("sync", description="'sync': average gradients every step")
     timeout: float = Field(30.0, gt=0.0, description="seconds an all-reduce may take before the round fails")
-    matchmaking_time: float = Field(1.0, gt=0.0, description="seconds a leader waits for a group to fill")
+    matchmaking_time: float = Field(
+        5.0, gt=0.0, description="seconds a round waits for missing live peers before averaging without them"
+    )
     request_timeout: float = Field(3.0, gt=0.0, description="seconds for one matchmaking request")
     round_timeout: float = Field(60.0, gt=0.0, description="seconds a whole round (matchmaking + all-reduce) may take")
-    target_group_size: int | None = Field(None, ge=2, description="largest averaging group; default swarm.min_peers")
+    catchup_grace: float = Field(
+        5.0, gt=0.0, description="after a round with a member behind, seconds to hold the next group open for it"
+    )
+    target_group_size: int | None = Field(
+        None, ge=2, description="largest averaging group; default: every live peer of the run"
+    )
     min_group_size: int = Field(2, ge=2, description="smallest group that may commit a round")
 
     @model_validator(mode="after")
     def _check(self) -> AveragingConfig:
-        if self.round_timeout <= self.matchmaking_time:
+        longest_wait = max(self.matchmaking_time, self.catchup_grace)
+        if self.round_timeout <= longest_wait:
             raise ValueError(
-                f"averaging.round_timeout must exceed averaging.matchmaking_time ({self.matchmaking_time}), "
-                f"got {self.round_timeout}"
+                "averaging.round_timeout must exceed averaging.matchmaking_time and averaging.catchup_grace "
+                f"({longest_wait}), got {self.round_timeout}"
             )
         return self
 
@@ -134,9 +142,11 @@ class Config(_Section):
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
 
-    @property
-    def group_size(self) -> int:
-        return self.averaging.target_group_size or max(self.swarm.min_peers, self.averaging.min_group_size)
+    def group_size(self, live_peers: int) -> int:
+        """How many peers a round waits for: every live peer, capped by averaging.target_group_size."""
+        size = max(live_peers, self.averaging.min_group_size)
+        cap = self.averaging.target_group_size
+        return min(size, cap) if cap is not None else size
 
 
 class Profile(_Section):

@@ -39,6 +39,7 @@ from p2pfed.actors.messages import (
     Progress,
     RoundResult,
     RunRound,
+    SetGroupSize,
     Snapshot,
 )
 from p2pfed.actors.monitor import Monitor, Sink
@@ -101,6 +102,7 @@ class Peer:
         return None
 
     def _record(self, *, loss: float | None, finished: bool = False) -> PeerRecord:
+        ready = getattr(self, "start_step", None) is not None and not finished
         return PeerRecord(
             peer_id=self.peer_id,
             cloud=self.profile.cloud,
@@ -108,16 +110,22 @@ class Peer:
             step=self.trainer.step if hasattr(self, "trainer") else 0,
             loss=loss,
             samples_per_s=round(self.samples_per_s, 2),
+            ready=ready,
             finished=finished,
         )
 
-    async def _is_alone(self) -> bool:
-        """True when no other unfinished peer is live (checked at most every announce period)."""
+    async def _swarm_size(self) -> tuple[int, int]:
+        """(unfinished peers, peers ready to average) of the run, this one included; re-read at most every
+        announce period. The averager's group size follows the ready count, so a round starts as soon as every
+        ready peer has joined it; a peer averages with nobody only when no other unfinished peer is live."""
         now = time.monotonic()
-        if now - self._alone_checked[0] > self.cfg.swarm.announce_every:
+        if now - self._swarm_checked[0] > self.cfg.swarm.announce_every:
             others = [p for p in await self._others() if not p.finished]
-            self._alone_checked = (now, not others)
-        return self._alone_checked[1]
+            ready = 1 + len([p for p in others if p.ready])
+            if ready != self._swarm_checked[2]:
+                self.averager.tell(SetGroupSize(self.cfg.group_size(ready)))
+            self._swarm_checked = (now, 1 + len(others), ready)
+        return self._swarm_checked[1], self._swarm_checked[2]
 
     async def _others(self) -> list[PeerRecord]:
         peers = await self.discovery.ask(GetPeers(), timeout=self.cfg.averaging.request_timeout * 4)
@@ -129,7 +137,8 @@ class Peer:
         t_start = time.perf_counter()
         cfg = self.cfg
         self.samples_per_s = 0.0
-        self._alone_checked = (0.0, False)
+        self.start_step: int | None = None
+        self._swarm_checked = (0.0, self.cfg.swarm.min_peers, self.cfg.swarm.min_peers)
         self.monitor = Monitor(self.opt.sink)
         self.discovery = Discovery(
             run_id=cfg.run.id,
@@ -230,11 +239,13 @@ class Peer:
         start_step = self.trainer.step
         self.start_step = start_step
         self.ctx.step = start_step
+        self.discovery.tell(Announce(self._record(loss=None)))  # ready: others now wait for this peer
         initial_eval = await self.trainer.ask(Evaluate(), timeout=eval_timeout)
         eval_loss: float | None = initial_eval
         initial_loss = final_loss = None
         dumped = 0
         alone_since: float | None = None
+        wait_s: float | None = None  # set after a round in which a member was catching up
 
         while not self.sup.stop_requested.is_set():
             step = self.trainer.step
@@ -248,15 +259,17 @@ class Peer:
             rate = grads.samples / max(grads.compute_s, 1e-9)
             self.samples_per_s = rate if self.samples_per_s == 0 else 0.8 * self.samples_per_s + 0.2 * rate
             local = grads.flat_grad.clone() if self.opt.dump_grads and dumped < _DUMP_ROUNDS else None
-            if await self._is_alone():
+            unfinished, _ = await self._swarm_size()
+            if unfinished <= 1:
                 rnd = RoundResult(committed=True, group_size=1)  # nobody to average with: a local step
             else:
                 rnd = await self._until_stop(
                     self.averager.ask(
-                        RunRound(step=step, flat_grad=grads.flat_grad, weight=grads.samples),
+                        RunRound(step=step, flat_grad=grads.flat_grad, weight=grads.samples, wait_s=wait_s),
                         timeout=cfg.averaging.round_timeout + cfg.averaging.timeout + 10,
                     )
                 )
+            wait_s = None
             if rnd is None:
                 break
             if rnd.committed:
@@ -277,6 +290,8 @@ class Peer:
                 ahead = max([p.step for p in others] + [rnd.max_group_step])
                 if ahead > self.trainer.step:
                     await self._catch_up(ahead)
+                elif 0 <= rnd.min_group_step < self.trainer.step:
+                    wait_s = cfg.averaging.catchup_grace  # hold the next group open while the laggard catches up
                 if not others:
                     alone_since = alone_since or time.monotonic()
                     if time.monotonic() - alone_since > cfg.swarm.join_timeout:
@@ -319,7 +334,7 @@ class Peer:
         if self.opt.save_params:
             Path(self.opt.save_params).parent.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in params.items()}, self.opt.save_params)
-        start = getattr(self, "start_step", self.trainer.step)
+        start = self.start_step if self.start_step is not None else self.trainer.step
         report = {
             "peer_id": self.peer_id,
             "steps": self.trainer.step - start,

@@ -22,16 +22,12 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 CPU_PROFILE = str(ROOT / "peers" / "local-cpu.yaml")
 
 
-def p2pd_pids() -> set[int]:
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == "p2pd":
-                    pids.add(int(entry.name))
-            except OSError:
-                pass
-    return pids
+def describe(pid: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        cmd = "(gone)"
+    return f"{pid}: {cmd[:160]}"
 
 
 def cmdline_matches(needle: str) -> list[int]:
@@ -139,17 +135,25 @@ class Launcher:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.procs: list[PeerProcess] = []
-        self.p2pd_before = p2pd_pids()
+        self.groups: set[int] = set()
 
     def start(self, *args: str, name: str | None = None) -> PeerProcess:
         proc = PeerProcess(list(args), self.workdir, name or f"proc{len(self.procs)}")
         self.procs.append(proc)
         return proc
 
-    def leftovers(self) -> list[int]:
-        """Processes still alive in any of our process groups, plus p2pd daemons that appeared during the test."""
-        ours = group_members({p.pgid for p in self.procs}) + cmdline_matches(str(self.workdir))
-        return sorted(set(ours) | (p2pd_pids() - self.p2pd_before))
+    def track_groups(self) -> None:
+        """Remember the process groups of everything now running from this test's directory (e.g. swarm peers)."""
+        for pid in cmdline_matches(str(self.workdir)):
+            try:
+                self.groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+
+    def leftovers(self) -> list[str]:
+        """Processes still alive in any of our process groups or started from this test's directory."""
+        pids = set(group_members({p.pgid for p in self.procs} | self.groups)) | set(cmdline_matches(str(self.workdir)))
+        return [describe(pid) for pid in sorted(pids)]
 
 
 @pytest.fixture
@@ -160,7 +164,7 @@ def launcher(tmp_path: Path) -> Iterator[Launcher]:
         proc.kill()
 
 
-def wait_no_leftovers(launch: Launcher, timeout: float = 20) -> list[int]:
+def wait_no_leftovers(launch: Launcher, timeout: float = 20) -> list[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         left = launch.leftovers()

@@ -22,6 +22,9 @@ def test_swarm_runs_to_max_steps(launcher: Launcher, tmp_path: Path) -> None:
         "swarm", "--peers", "2", "--config", TINY, "--max-steps", "15", "--run-dir", str(tmp_path / "run"),
         "--report", str(tmp_path / "report.json"), name="swarm",
     )  # fmt: skip
+    while swarm.proc.poll() is None and len(launcher.groups) < 3:
+        launcher.track_groups()
+        time.sleep(0.2)
     code = swarm.wait(timeout=240)
 
     # Assert
@@ -47,6 +50,8 @@ def test_swarm_stops_cleanly_on_ctrl_c(launcher: Launcher, tmp_path: Path) -> No
     while not all(_logged_step(run_dir / f"peer-{i}.log") >= 5 for i in range(2)):
         assert time.monotonic() < deadline and swarm.proc.poll() is None, swarm.stdout()[-3000:]
         time.sleep(0.3)
+    launcher.track_groups()  # the peers' own process groups: they must all be gone at the end
+    assert len(launcher.groups) >= 3
 
     # Execute: Ctrl+C reaches the launcher only (peers live in their own sessions).
     swarm.proc.send_signal(signal.SIGINT)

@@ -10,21 +10,25 @@ from pathlib import Path
 import pytest
 
 from p2pfed.report import max_param_divergence
-from tests.conftest import CPU_PROFILE, TINY, Launcher, wait_no_leftovers
+from tests.conftest import CPU_PROFILE, TINY, Launcher, PeerProcess, wait_no_leftovers
 
 pytestmark = pytest.mark.slow
 
-STEPS = 60
+STEPS = 160
 
 
 def _args(tmp: Path, i: int, extra: list[str]) -> list[str]:
     return [
         "peer", "--config", TINY, "--profile", CPU_PROFILE, "--max-steps", str(STEPS), "--events", "jsonl",
         "--set", "swarm.min_peers=2", "--set", "averaging.target_group_size=3",
-        "--set", "averaging.matchmaking_time=0.3", "--set", "data.num_partitions=3",
+        "--set", "data.num_partitions=3",
         "--set", f"data.partition_index={i}",
         "--report", str(tmp / f"peer{i}.json"), "--save-params", str(tmp / f"peer{i}.safetensors"), *extra,
     ]  # fmt: skip
+
+
+def _peer_id(proc: PeerProcess) -> str:
+    return json.loads(proc.wait_for('"kind": "bootstrap"', 5))["peer_id"]
 
 
 def test_late_joiner_downloads_state_and_status_lists_peers(launcher: Launcher, tmp_path: Path) -> None:
@@ -33,33 +37,30 @@ def test_late_joiner_downloads_state_and_status_lists_peers(launcher: Launcher, 
     bootstrap = first.bootstrap()
     second = launcher.start(*_args(tmp_path, 1, ["--initial-peers", bootstrap]), name="peer1")
     deadline = time.monotonic() + 120
-    while first.progress_step() < 10:
+    while first.progress_step() < 5:
         assert time.monotonic() < deadline, first.stderr()[-2000:]
         assert first.proc.poll() is None, first.stderr()[-2000:]
         time.sleep(0.2)
 
-    # Execute: status sees the run while it trains; then a third peer joins mid-run.
+    # Execute: a third peer joins mid-run; status sees the run while it trains.
+    late = launcher.start(*_args(tmp_path, 2, ["--initial-peers", bootstrap]), name="peer2")
     status = launcher.start("status", "--initial-peers", bootstrap, "--json", name="status")
     assert status.wait(timeout=60) == 0, status.stderr()
     runs = json.loads(status.stdout())
-    late = launcher.start(*_args(tmp_path, 2, ["--initial-peers", bootstrap]), name="peer2")
     codes = [p.wait(timeout=240) for p in (first, second, late)]
 
-    # Assert: status listed both peers of run "tiny" with their progress.
+    # Assert: status listed the two training peers of run "tiny" with their progress.
     run = next(r for r in runs if r["run_id"] == "tiny")
-    assert len(run["peers"]) == 2
-    assert all(p["step"] >= 1 and p["samples_per_s"] > 0 and p["cloud"] == "local" for p in run["peers"])
-    assert {p["peer_id"] for p in run["peers"]} == {
-        first.wait_for('"kind": "bootstrap"', 5).split('"peer_id": "')[1].split('"')[0],
-        second.wait_for('"kind": "bootstrap"', 5).split('"peer_id": "')[1].split('"')[0],
-    }
+    training = {p["peer_id"]: p for p in run["peers"] if p["step"] >= 1}
+    assert set(training) >= {_peer_id(first), _peer_id(second)}
+    assert all(p["samples_per_s"] > 0 and p["cloud"] == "local" and p["loss"] > 0 for p in training.values())
 
     # Assert: the late peer downloaded state, trained only the remaining steps, and agrees with the swarm.
     assert codes == [0, 0, 0], [p.stderr()[-2000:] for p in (first, second, late)]
     reports = [json.loads((tmp_path / f"peer{i}.json").read_text()) for i in range(3)]
     assert all(r["final_step"] == STEPS for r in reports)
     assert reports[2]["state_downloads"] >= 1
-    assert 10 <= reports[2]["start_step"] < STEPS
+    assert 5 <= reports[2]["start_step"] < STEPS
     assert reports[2]["steps"] == STEPS - reports[2]["start_step"]
     assert reports[2]["rounds_ok"] >= 1
     divergence = max_param_divergence([tmp_path / f"peer{i}.safetensors" for i in range(3)])

@@ -17,9 +17,10 @@ from typing import Any
 
 import hivemind
 import torch
+from hivemind.utils import get_dht_time
 
 from p2pfed.actors.base import Actor
-from p2pfed.actors.messages import DownloadState, RoundResult, RunRound
+from p2pfed.actors.messages import DownloadState, RoundResult, RunRound, SetGroupSize
 from p2pfed.allreduce import COMPRESSIONS, SwarmAverager
 from p2pfed.config import Config
 
@@ -53,7 +54,7 @@ class Averager(Actor):
             self.dht,
             state_fn=self.state_fn,
             prefix=f"p2pfed_{self.cfg.run.id}_grad",
-            target_group_size=self.cfg.group_size,
+            target_group_size=self.cfg.group_size(self.cfg.swarm.min_peers),
             min_group_size=a.min_group_size,
             min_matchmaking_time=a.matchmaking_time,
             request_timeout=a.request_timeout,
@@ -102,7 +103,9 @@ class Averager(Actor):
         with self.avg.get_tensors() as (buffer,):
             buffer.copy_(msg.flat_grad)
         t0 = time.perf_counter()
+        wait_s = a.matchmaking_time if msg.wait_s is None else msg.wait_s
         control = self.avg.step(
+            scheduled_time=get_dht_time() + wait_s,
             weight=float(msg.weight),
             gather={"step": msg.step},
             timeout=a.round_timeout,
@@ -131,6 +134,7 @@ class Averager(Actor):
             committed=False,
             group_size=len(steps),
             max_group_step=max(steps),
+            min_group_step=min(steps),
             bytes_sent=outcome["bytes_sent"],
             bytes_received=outcome["bytes_received"],
         )
@@ -142,6 +146,10 @@ class Averager(Actor):
             msg.flat_grad.copy_(buffer)
         logger.debug("round of %d peers in %.3fs", len(steps), time.perf_counter() - t0)
         return _replace(result, committed=True)
+
+    async def on_SetGroupSize(self, msg: SetGroupSize) -> None:
+        assert self.avg is not None
+        self.avg.set_target_group_size(msg.size)
 
     async def on_DownloadState(self, msg: DownloadState) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
         assert self.avg is not None

@@ -188,10 +188,10 @@ class Discovery(Actor):
                     logger.warning("announcement failed: %r", e)
 
     async def on_Announce(self, msg: Announce) -> None:
-        """Replace this peer's record; stored now if it is the first, else with the next periodic announcement."""
-        first = self._record is None
-        self._record = msg.record
-        if first:
+        """Replace this peer's record; stored now if it is the first or its state changed, else with the next
+        periodic announcement."""
+        old, self._record = self._record, msg.record
+        if old is None or (old.ready, old.finished) != (msg.record.ready, msg.record.finished):
             await self._store()
 
     async def on_GetPeers(self, msg: GetPeers) -> list[PeerRecord]:

@@ -21,6 +21,7 @@ __all__ = [
     "Progress",
     "RoundResult",
     "RunRound",
+    "SetGroupSize",
     "Snapshot",
 ]
 
@@ -38,6 +39,7 @@ class PeerRecord:
     step: int
     loss: float | None
     samples_per_s: float
+    ready: bool = False  # in the rounds: joined, caught up with the swarm, averaging
     finished: bool = False
     maddrs: tuple[str, ...] = ()
 
@@ -101,6 +103,7 @@ class RunRound:
     step: int
     flat_grad: torch.Tensor
     weight: float
+    wait_s: float | None = None  # how long a leader may wait for a full group; default averaging.matchmaking_time
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,16 @@ class RoundResult:
     group_size: int
     reason: str = ""  # why the round failed, empty when committed
     max_group_step: int = -1  # highest step seen in the group; above ours means this peer fell behind
+    min_group_step: int = -1  # lowest step seen in the group; below ours means a member is catching up
     bytes_sent: int = 0
     bytes_received: int = 0
+
+
+@dataclass(frozen=True)
+class SetGroupSize:
+    """The number of live peers changed: a round may start as soon as this many have joined its group."""
+
+    size: int
 
 
 @dataclass(frozen=True)

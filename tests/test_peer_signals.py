@@ -1,0 +1,50 @@
+"""A peer stops cleanly on SIGTERM (report written, exit 0), and SIGKILL of its process group leaves nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CPU_PROFILE, TINY, Launcher, PeerProcess, wait_no_leftovers
+
+pytestmark = pytest.mark.slow
+
+
+def _start_and_wait_for_steps(launcher: Launcher, tmp_path: Path, name: str, steps: int) -> PeerProcess:
+    peer = launcher.start(
+        "peer", "--config", TINY, "--profile", CPU_PROFILE, "--events", "jsonl", "--max-steps", "1000000",
+        "--report", str(tmp_path / f"{name}.json"), name=name,
+    )  # fmt: skip
+    deadline = time.monotonic() + 90
+    while peer.progress_step() < steps:
+        assert time.monotonic() < deadline and peer.proc.poll() is None, peer.stderr()[-2000:]
+        time.sleep(0.2)
+    return peer
+
+
+def test_sigterm_stops_the_peer_cleanly(launcher: Launcher, tmp_path: Path) -> None:
+    peer = _start_and_wait_for_steps(launcher, tmp_path, "term", 5)
+
+    os.kill(peer.proc.pid, signal.SIGTERM)  # the main process only: it must take its children down itself
+    code = peer.wait(timeout=60)
+
+    assert code == 0, peer.stderr()[-2000:]
+    assert "SIGTERM received" in peer.stderr()
+    report = json.loads((tmp_path / "term.json").read_text())
+    assert report["steps"] >= 5
+    assert wait_no_leftovers(launcher) == []
+
+
+def test_killing_the_process_group_leaves_nothing(launcher: Launcher, tmp_path: Path) -> None:
+    peer = _start_and_wait_for_steps(launcher, tmp_path, "killed", 3)
+    assert len(launcher.leftovers()) >= 4  # main, DHT and averager processes and p2pd are running
+
+    os.killpg(peer.pgid, signal.SIGKILL)
+
+    assert peer.wait(timeout=30) == -signal.SIGKILL
+    assert wait_no_leftovers(launcher) == []
