@@ -20,6 +20,7 @@ demo: $(BIN)/p2pfed
 
 test: $(BIN)/p2pfed
 	$(BIN)/ruff check p2pfed tests
+	$(BIN)/mypy p2pfed
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
 
 lint: $(BIN)/p2pfed

@@ -35,8 +35,9 @@ class _ByteCounters:
     """Counters shared between the averager process (which counts) and the peer process (which reads)."""
 
     def __init__(self) -> None:
-        self.sent = mp.Value(ctypes.c_double, 0.0, lock=False)
-        self.received = mp.Value(ctypes.c_double, 0.0, lock=False)
+        # Only the averager process writes them, from one event loop: no lock needed.
+        self.sent: Any = mp.Value(ctypes.c_double, 0.0, lock=False)
+        self.received: Any = mp.Value(ctypes.c_double, 0.0, lock=False)
 
 
 async def _count(stream: AsyncIterator[Any], add: Callable[[int], None]) -> AsyncIterator[Any]:

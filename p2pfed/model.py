@@ -54,7 +54,7 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seed: int) -> torch.nn.Mod
             pad_token_id=None,
         )
         return LlamaForCausalLM(config)
-    config = GPT2Config(
+    gpt2 = GPT2Config(
         vocab_size=vocab_size,
         n_embd=hidden,
         n_layer=layers,
@@ -65,7 +65,7 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seed: int) -> torch.nn.Mod
         bos_token_id=None,
         eos_token_id=None,
     )
-    return GPT2LMHeadModel(config)
+    return GPT2LMHeadModel(gpt2)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

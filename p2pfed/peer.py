@@ -75,6 +75,10 @@ class Peer:
         self.cfg, self.profile, self.opt = cfg, profile, options
         self.max_steps = options.max_steps or cfg.training.max_steps
         self.ctx = options.context
+        self.samples_per_s = 0.0
+        self.start_step: int | None = None
+        # (when last read, unfinished peers, ready peers), see _swarm_size
+        self._swarm_checked: tuple[float, int, int] = (0.0, cfg.swarm.min_peers, cfg.swarm.min_peers)
         self.stats: dict[str, Any] = {
             "rounds_ok": 0,
             "rounds_failed": 0,
@@ -136,9 +140,6 @@ class Peer:
     async def run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         cfg = self.cfg
-        self.samples_per_s = 0.0
-        self.start_step: int | None = None
-        self._swarm_checked = (0.0, self.cfg.swarm.min_peers, self.cfg.swarm.min_peers)
         self.monitor = Monitor(self.opt.sink)
         self.discovery = Discovery(
             run_id=cfg.run.id,
@@ -260,6 +261,7 @@ class Peer:
             self.samples_per_s = rate if self.samples_per_s == 0 else 0.8 * self.samples_per_s + 0.2 * rate
             local = grads.flat_grad.clone() if self.opt.dump_grads and dumped < _DUMP_ROUNDS else None
             unfinished, _ = await self._swarm_size()
+            rnd: RoundResult | None
             if unfinished <= 1:
                 rnd = RoundResult(committed=True, group_size=1)  # nobody to average with: a local step
             else:

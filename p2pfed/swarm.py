@@ -142,8 +142,8 @@ class LocalSwarm:
 
     def stop_all(self) -> None:
         for p in self.peers:
-            if p.proc.poll() is None:
-                kill_group(p.proc.pid, signal.SIGTERM)
+            if p.proc.poll() is None:  # the peer's main process stops its DHT, averager and p2pd in order
+                p.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + _GRACE_S
         for p in self.peers:
             try:

@@ -22,6 +22,7 @@ __all__ = ["Discovery", "peers_key", "runs_key", "start_dht", "read_peers"]
 logger = logging.getLogger(__name__)
 
 RUNS_KEY = "p2pfed.runs"
+_BOOTSTRAP_ATTEMPTS = 3
 
 
 def runs_key() -> str:
@@ -53,26 +54,33 @@ def start_dht(
         kwargs["identity_path"] = identity_path
     if announce_maddrs:
         kwargs["announce_maddrs"] = list(announce_maddrs)
-    try:
-        return hivemind.DHT(
-            initial_peers=list(initial_peers),
-            start=True,
-            host_maddrs=[listen] if not client_mode else [],
-            client_mode=client_mode,
-            nat_port_map=False,
-            auto_nat=False,
-            startup_timeout=startup_timeout,
-            await_ready=True,
-            **kwargs,
-        )
-    except P2PDaemonError as e:
-        detail = str(e).split(": ", 1)[-1].strip()
-        detail = detail.split(" ", 2)[-1] if detail[:4].isdigit() else detail  # drop the daemon's timestamp
-        if initial_peers and "bootstrap" in detail:
-            raise UserError(f"could not reach any of --initial-peers {', '.join(initial_peers)}: {detail}") from None
-        raise UserError(f"the libp2p daemon failed to start: {detail}") from None
-    except (RuntimeError, TimeoutError) as e:
-        raise UserError(f"could not join the swarm via {', '.join(initial_peers) or listen}: {e}") from None
+    # A daemon that cannot dial its bootstrap peers exits at once; under load a live peer can miss that first
+    # dial, so try a few times (about 5 s in all) before calling the address unreachable.
+    for attempt in range(_BOOTSTRAP_ATTEMPTS):
+        try:
+            return hivemind.DHT(
+                initial_peers=list(initial_peers),
+                start=True,
+                host_maddrs=[listen] if not client_mode else [],
+                client_mode=client_mode,
+                nat_port_map=False,
+                auto_nat=False,
+                startup_timeout=startup_timeout,
+                await_ready=True,
+                **kwargs,
+            )
+        except P2PDaemonError as e:
+            detail = str(e).split(": ", 1)[-1].strip()
+            detail = detail.split(" ", 2)[-1] if detail[:4].isdigit() else detail  # drop the daemon's timestamp
+            if not (initial_peers and "bootstrap" in detail):
+                raise UserError(f"the libp2p daemon failed to start: {detail}") from None
+            if attempt + 1 == _BOOTSTRAP_ATTEMPTS:
+                peers = ", ".join(initial_peers)
+                raise UserError(f"could not reach any of --initial-peers {peers}: {detail}") from None
+            time.sleep(1.0 + attempt)
+        except (RuntimeError, TimeoutError) as e:
+            raise UserError(f"could not join the swarm via {', '.join(initial_peers) or listen}: {e}") from None
+    raise AssertionError("unreachable")
 
 
 def read_peers(dht: hivemind.DHT, run_id: str, *, timeout: float) -> list[PeerRecord]:
@@ -144,17 +152,17 @@ class Discovery(Actor):
     async def on_stop(self) -> None:
         if self._announcer is not None:
             self._announcer.cancel()
-        if self._record is not None:
+        if self._record is not None and not self._record.finished:
             try:  # say goodbye: mark the record finished so status and other peers see it at once
                 self._record = dataclasses.replace(self._record, finished=True)
-                await self._store()
+                await self._store(timeout=min(self.request_timeout, 3.0))
             except Exception as e:
                 logger.debug("final announcement failed: %r", e)
         if self.dht is not None:
             await asyncio.to_thread(self.dht.shutdown)
             self.dht = None
 
-    async def _store(self) -> None:
+    async def _store(self, timeout: float | None = None) -> None:
         assert self.dht is not None and self._record is not None
         now = get_dht_time()
         value = dataclasses.asdict(self._record)
@@ -176,7 +184,7 @@ class Discovery(Actor):
             ),
         ]
         for fut in futures:
-            await asyncio.to_thread(fut.result, self.request_timeout)
+            await asyncio.to_thread(fut.result, timeout or self.request_timeout)
 
     async def _announce_periodically(self) -> None:
         while True:
@@ -192,7 +200,10 @@ class Discovery(Actor):
         periodic announcement."""
         old, self._record = self._record, msg.record
         if old is None or (old.ready, old.finished) != (msg.record.ready, msg.record.finished):
-            await self._store()
+            try:
+                await self._store(timeout=3.0 if msg.record.finished else None)
+            except Exception as e:  # the periodic announcement retries; a finished peer's record expires anyway
+                logger.warning("announcement failed: %r", e)
 
     async def on_GetPeers(self, msg: GetPeers) -> list[PeerRecord]:
         assert self.dht is not None

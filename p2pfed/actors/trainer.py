@@ -86,7 +86,7 @@ class Trainer(Actor):
         return torch.randperm(len(self.shard), generator=torch.Generator().manual_seed(seed))
 
     def _next_batch(self, n: int) -> torch.Tensor:
-        rows = []
+        rows: list[int] = []
         while len(rows) < n:
             if self._cursor >= len(self._order):
                 self._epoch += 1

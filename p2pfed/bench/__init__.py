@@ -1,0 +1,4 @@
+"""Benchmarks that time p2pfed against a reference in the same run, so the ratio is fair.
+
+allreduce.py: one averaging round (hivemind all-reduce over libp2p) vs torch.distributed gloo all_reduce.
+"""
