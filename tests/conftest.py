@@ -116,7 +116,9 @@ class PeerProcess:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} still running after {timeout}s; stderr:\n{self.stderr()[-3000:]}")
+            raise AssertionError(
+                f"{self.name} still running after {timeout}s; stderr:\n{self.stderr()[-3000:]}"
+            ) from None
 
     def kill(self) -> None:
         try:

@@ -52,6 +52,7 @@ def test_three_peers_average_and_agree(launcher: Launcher, tmp_path: Path) -> No
     for r, batch in zip(reports, batches, strict=True):
         assert set(PEER_KEYS) <= set(r)
         assert r["final_step"] == STEPS
+        assert r["samples"] == batch * r["rounds_ok"]
         assert r["rounds_ok"] >= STEPS // 2 and r["bytes_sent"] > 0 and r["bytes_received"] > 0
         assert r["final_loss"] < r["initial_loss"] - 1.0
         assert r["eval_loss"] < r["initial_eval_loss"] - 1.0
