@@ -121,7 +121,9 @@ class SwarmAverager(DecentralizedAverager):
     async def _set_target_group_size(self, size: int) -> None:
         self._matchmaking.target_group_size = size
         self._matchmaking.potential_leaders.target_group_size = size
-        self._matchmaking.group_key_manager.target_group_size = size
+        # The key manager only uses it to re-draw group bits, which p2pfed does not use ("" = one bucket); with a
+        # fixed size it fails on any larger group ("Sample larger than population"), so let it follow the group.
+        self._matchmaking.group_key_manager.target_group_size = None
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
         self._last_runner: _CountingRunner | None = None

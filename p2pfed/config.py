@@ -142,9 +142,10 @@ class Config(_Section):
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
 
-    def group_size(self, live_peers: int) -> int:
-        """How many peers a round waits for: every live peer, capped by averaging.target_group_size."""
-        size = max(live_peers, self.averaging.min_group_size)
+    def group_size(self, ready_peers: int) -> int:
+        """How many peers a round waits for: every ready peer, at least swarm.min_peers (the expected swarm size;
+        below it a round waits averaging.matchmaking_time for the missing), capped by averaging.target_group_size."""
+        size = max(ready_peers, self.swarm.min_peers, self.averaging.min_group_size)
         cap = self.averaging.target_group_size
         return min(size, cap) if cap is not None else size
 

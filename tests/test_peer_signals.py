@@ -48,3 +48,19 @@ def test_killing_the_process_group_leaves_nothing(launcher: Launcher, tmp_path: 
 
     assert peer.wait(timeout=30) == -signal.SIGKILL
     assert wait_no_leftovers(launcher) == []
+
+
+def test_identity_file_keeps_the_peer_id_across_restarts(launcher: Launcher, tmp_path: Path) -> None:
+    identity = tmp_path / "peer.key"
+    ids = []
+    for run in range(2):
+        peer = launcher.start(
+            "peer", "--config", TINY, "--events", "jsonl", "--identity", str(identity), "--max-steps", "1",
+            name=f"identity{run}",
+        )  # fmt: skip
+        ids.append(json.loads(peer.wait_for('"kind": "bootstrap"', 90))["peer_id"])
+        assert peer.wait(timeout=60) == 0, peer.stderr()[-2000:]
+
+    assert identity.is_file()
+    assert ids[0] == ids[1]
+    assert wait_no_leftovers(launcher) == []

@@ -74,6 +74,7 @@ class Averager(Actor):
         finally:
             signal.signal(signal.SIGINT, previous)
         await asyncio.to_thread(self.avg.wait_until_ready, 60.0)
+        self.avg.set_target_group_size(self.cfg.group_size(self.cfg.swarm.min_peers))
 
     def interrupt(self) -> None:
         if self._control is not None:

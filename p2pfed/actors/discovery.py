@@ -22,7 +22,7 @@ __all__ = ["Discovery", "peers_key", "runs_key", "start_dht", "read_peers"]
 logger = logging.getLogger(__name__)
 
 RUNS_KEY = "p2pfed.runs"
-_BOOTSTRAP_ATTEMPTS = 3
+_BOOTSTRAP_ATTEMPTS = 5
 
 
 def runs_key() -> str:
@@ -55,7 +55,7 @@ def start_dht(
     if announce_maddrs:
         kwargs["announce_maddrs"] = list(announce_maddrs)
     # A daemon that cannot dial its bootstrap peers exits at once; under load a live peer can miss that first
-    # dial, so try a few times (about 5 s in all) before calling the address unreachable.
+    # dial, so try a few times (about 10 s in all) before calling the address unreachable.
     for attempt in range(_BOOTSTRAP_ATTEMPTS):
         try:
             return hivemind.DHT(
