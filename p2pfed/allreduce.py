@@ -9,6 +9,7 @@ applies it only when the round is complete, so a failed round never touches the 
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import multiprocessing as mp
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -63,6 +64,11 @@ class _CountingRunner(AllReduceRunner):
         self.counters = counters
         self.bytes_sent = 0
         self.bytes_received = 0
+        # A reducer's own result can be ready before its replies to the other peers have gone out; the round's
+        # byte count waits for those streams to end.
+        self._serving = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     def add_sent(self, n: int) -> None:
         self.bytes_sent += n
@@ -78,9 +84,16 @@ class _CountingRunner(AllReduceRunner):
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
-        async for msg in super().rpc_aggregate_part(_count(stream, self.add_received), context):
-            self.add_sent(msg.ByteSize())
-            yield msg
+        self._serving += 1
+        self.idle.clear()
+        try:
+            async for msg in super().rpc_aggregate_part(_count(stream, self.add_received), context):
+                self.add_sent(msg.ByteSize())
+                yield msg
+        finally:
+            self._serving -= 1
+            if self._serving == 0:
+                self.idle.set()
 
     @property
     def complete(self) -> bool:
@@ -129,6 +142,11 @@ class SwarmAverager(DecentralizedAverager):
         self._last_runner: _CountingRunner | None = None
         gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
         runner = self._last_runner
+        if runner is not None:
+            try:
+                await asyncio.wait_for(runner.idle.wait(), timeout=self._allreduce_timeout or 30.0)
+            except asyncio.TimeoutError:
+                pass  # the result is in; a peer that stopped reading its replies only shortens the byte count
         return {
             "gathered": {peer.to_base58(): data for peer, data in gathered.items()},
             "complete": runner is not None and runner.complete,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 from p2pfed.actors.discovery import read_peers, runs_key, start_dht
@@ -16,8 +17,14 @@ def collect_status(initial_peers: list[str], *, run_id: str | None, timeout: flo
         initial_peers=initial_peers, listen="/ip4/127.0.0.1/tcp/0", client_mode=True, startup_timeout=timeout
     )
     try:
-        found = dht.get(runs_key(), latest=True, return_future=True).result(timeout=timeout)
-        run_ids = sorted(found.value) if found is not None and isinstance(found.value, dict) else []
+        # A client that has just joined may not reach the nodes holding the key on its first lookup: retry briefly.
+        deadline = time.monotonic() + min(timeout, 10.0)
+        while True:
+            found = dht.get(runs_key(), latest=True, return_future=True).result(timeout=timeout)
+            run_ids = sorted(found.value) if found is not None and isinstance(found.value, dict) else []
+            if run_ids or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         if run_id is not None:
             if run_id not in run_ids:
                 known = ", ".join(run_ids) or "none"

@@ -243,3 +243,28 @@ def test_too_little_text_for_one_sequence_raises_config_error(tmp_path):
     # Execute / Assert
     with pytest.raises(ConfigError, match="too few"):
         load_corpus(cfg, ModelConfig(seq_len=64), seed=0)
+
+
+def test_local_tokenizer_directory(tmp_path):
+    # Prepare: a real BPE tokenizer trained on a little stdlib text and saved the way HF saves tokenizers.
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sample = "\n\n".join(read_texts(DataConfig(max_chars=20_000)))
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator([sample], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", eos_token="<eos>").save_pretrained(tmp_path)
+
+    # Execute
+    corpus = load_corpus(DataConfig(max_chars=20_000), ModelConfig(tokenizer=str(tmp_path), seq_len=16), seed=0)
+
+    # Assert: the ids are the tokenizer's own encoding of the documents, each followed by <eos>.
+    reference = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    expected: list[int] = []
+    for text in read_texts(DataConfig(max_chars=20_000)):
+        expected += reference(text, add_special_tokens=False)["input_ids"] + [reference.eos_token_id]
+    n = len(expected) // 16
+    rows = torch.cat([corpus.train, corpus.val]).tolist()
+    assert corpus.vocab_size == len(reference)
+    assert sorted(rows) == sorted(torch.tensor(expected[: n * 16]).reshape(n, 16).tolist())
