@@ -110,6 +110,7 @@ def _jsonl_sink(kind: str, data: dict[str, Any]) -> None:
 @click.option("--save-params", type=click.Path(dir_okay=False), help="write final parameters (safetensors) here")
 @click.option("--events", type=click.Choice(["human", "jsonl"]), default="human", help="progress format on stdout")
 @click.option("--dump-grads", type=click.Path(file_okay=False), hidden=True, help="test aid: save round gradients")
+@click.option("--perturb-at", type=int, hidden=True, help="test aid: corrupt parameters after this step")
 @click.option("-v", "--verbose", is_flag=True, help="debug logs, hivemind's included")
 @user_errors
 def peer(
@@ -124,6 +125,7 @@ def peer(
     save_params: str | None,
     events: str,
     dump_grads: str | None,
+    perturb_at: int | None,
     verbose: bool,
 ) -> None:
     """Start one peer: join (or start) a swarm and train until --max-steps or Ctrl+C."""
@@ -148,6 +150,7 @@ def peer(
         report_path=report_path,
         save_params=save_params,
         dump_grads=dump_grads,
+        perturb_at=perturb_at,
         sink=_jsonl_sink if events == "jsonl" else _human_sink(),
         context=ctx,
     )

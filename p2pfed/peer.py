@@ -36,6 +36,7 @@ from p2pfed.actors.messages import (
     GetPeers,
     LoadState,
     PeerRecord,
+    Perturb,
     Progress,
     RoundResult,
     RunRound,
@@ -66,6 +67,7 @@ class PeerOptions:
     report_path: str | None = None
     save_params: str | None = None
     dump_grads: str | None = None
+    perturb_at: int | None = None  # test aid: corrupt this peer's parameters after it commits this step
     sink: Sink | None = None
     context: PeerContext = field(default_factory=PeerContext)
 
@@ -267,7 +269,13 @@ class Peer:
             else:
                 rnd = await self._until_stop(
                     self.averager.ask(
-                        RunRound(step=step, flat_grad=grads.flat_grad, weight=grads.samples, wait_s=wait_s),
+                        RunRound(
+                            step=step,
+                            flat_grad=grads.flat_grad,
+                            weight=grads.samples,
+                            fingerprint=self.trainer.fingerprint,
+                            wait_s=wait_s,
+                        ),
                         timeout=cfg.averaging.round_timeout + cfg.averaging.timeout + 10,
                     )
                 )
@@ -279,6 +287,9 @@ class Peer:
                     self._dump(step, grads.samples, local, grads.flat_grad)
                     dumped += 1
                 await self.trainer.ask(ApplyUpdate(step), timeout=eval_timeout)
+                if self.opt.perturb_at == step:
+                    await self.trainer.ask(Perturb(), timeout=eval_timeout)
+                    logger.warning("fault injection: parameters perturbed after step %d", step)
                 self.stats["rounds_ok" if rnd.group_size > 1 else "rounds_solo"] += 1
                 self.averager.set_state_priority(self.trainer.step)
                 initial_loss = grads.loss if initial_loss is None else initial_loss
@@ -290,7 +301,10 @@ class Peer:
                 logger.warning("round failed (%s); step skipped", rnd.reason)
                 others = [p for p in await self._others() if not p.finished]
                 ahead = max([p.step for p in others] + [rnd.max_group_step])
-                if ahead > self.trainer.step:
+                if rnd.diverged:  # this peer applied an update the others did not: take the majority's state
+                    self.averager.set_state_priority(self.trainer.step - 0.5)  # nobody should copy us meanwhile
+                    await self._catch_up(self.trainer.step)
+                elif ahead > self.trainer.step:
                     await self._catch_up(ahead)
                 elif 0 <= rnd.min_group_step < self.trainer.step:
                     wait_s = cfg.averaging.catchup_grace  # hold the next group open while the laggard catches up

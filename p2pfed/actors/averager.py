@@ -93,7 +93,7 @@ class Averager(Actor):
     def bytes_received(self) -> int:
         return self.avg.bytes_received if self.avg is not None else 0
 
-    def set_state_priority(self, step: int) -> None:
+    def set_state_priority(self, step: float) -> None:
         """Peers that download state prefer the most advanced peer."""
         if self.avg is not None and not self.client_mode:
             self.avg.state_sharing_priority = float(step)
@@ -108,7 +108,7 @@ class Averager(Actor):
         control = self.avg.step(
             scheduled_time=get_dht_time() + wait_s,
             weight=float(msg.weight),
-            gather={"step": msg.step},
+            gather={"step": msg.step, "fingerprint": msg.fingerprint},
             timeout=a.round_timeout,
             allow_retries=True,
             wait=False,
@@ -143,6 +143,12 @@ class Averager(Actor):
             return _replace(result, reason="incomplete all-reduce: a member dropped out mid-round")
         if any(s != msg.step for s in steps):
             return _replace(result, reason=f"group members were at different steps {sorted(steps)}")
+        outliers = _diverged_members(outcome["gathered"])
+        if outliers:
+            mine = self.dht.peer_id.to_base58() in outliers
+            return _replace(
+                result, diverged=mine, reason=f"parameters of {len(outliers)} member(s) diverged from the group"
+            )
         with self.avg.get_tensors() as (buffer,):
             msg.flat_grad.copy_(buffer)
         logger.debug("round of %d peers in %.3fs", len(steps), time.perf_counter() - t0)
@@ -161,6 +167,30 @@ class Averager(Actor):
         except Exception as e:
             logger.warning("state download failed: %r", e)
             return None
+
+
+# Members at one step hold the same parameters up to rounding (about one ULP per round): a relative difference in
+# the sum of squares far above that means some member applied a different update.
+_FINGERPRINT_RTOL = 1e-5
+
+
+def _diverged_members(gathered: dict[str, Any]) -> set[str]:
+    """Peer ids whose parameter fingerprint is not in the largest cluster of agreeing members (ties: the cluster
+    with the smallest peer id wins, so two disagreeing peers do not both download each other's state)."""
+    prints = {peer: float(d.get("fingerprint", 0.0)) for peer, d in gathered.items() if isinstance(d, dict)}
+    clusters: list[set[str]] = []
+    for peer in sorted(prints):
+        for cluster in clusters:
+            ref = prints[min(cluster)]
+            if abs(prints[peer] - ref) <= _FINGERPRINT_RTOL * max(abs(ref), 1e-12):
+                cluster.add(peer)
+                break
+        else:
+            clusters.append({peer})
+    if len(clusters) <= 1:
+        return set()
+    best = max(clusters, key=lambda c: (len(c), [-ord(ch) for ch in min(c)]))
+    return set(prints) - best
 
 
 def _cancel(control: Any) -> None:

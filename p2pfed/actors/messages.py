@@ -18,6 +18,7 @@ __all__ = [
     "GradientsReady",
     "LoadState",
     "PeerRecord",
+    "Perturb",
     "Progress",
     "RoundResult",
     "RunRound",
@@ -88,6 +89,11 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class Perturb:
+    """Test aid (fault injection): add noise to this peer's parameters, as a peer that diverged would have."""
+
+
+@dataclass(frozen=True)
 class LoadState:
     metadata: dict[str, Any]
     tensors: list[torch.Tensor]
@@ -103,6 +109,7 @@ class RunRound:
     step: int
     flat_grad: torch.Tensor
     weight: float
+    fingerprint: float = 0.0  # sum of squared parameters (float64): members at one step must agree on it
     wait_s: float | None = None  # how long a leader may wait for a full group; default averaging.matchmaking_time
 
 
@@ -113,6 +120,7 @@ class RoundResult:
     reason: str = ""  # why the round failed, empty when committed
     max_group_step: int = -1  # highest step seen in the group; above ours means this peer fell behind
     min_group_step: int = -1  # lowest step seen in the group; below ours means a member is catching up
+    diverged: bool = False  # this peer's parameters disagree with the group's majority: it must download state
     bytes_sent: int = 0
     bytes_received: int = 0
 

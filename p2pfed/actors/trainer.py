@@ -23,6 +23,7 @@ from p2pfed.actors.messages import (
     Evaluate,
     GradientsReady,
     LoadState,
+    Perturb,
     Snapshot,
 )
 from p2pfed.config import Config, Profile
@@ -72,6 +73,12 @@ class Trainer(Actor):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         self.flat_grad = torch.zeros(self.numel, dtype=torch.float32)
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self) -> float:
+        """Sum of squared parameters in float64: peers that applied the same updates agree on it to ~1e-7."""
+        with torch.no_grad():
+            return float(sum(p.detach().double().pow(2).sum() for p in self.params))
 
     async def on_stop(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -149,6 +156,7 @@ class Trainer(Actor):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+            self.fingerprint = self._fingerprint()
             self.step = step + 1
             self.samples_seen += t.batch_size
 
@@ -166,6 +174,15 @@ class Trainer(Actor):
                 ids = chunk.to(self.device)
                 losses.append(self.model(input_ids=ids, labels=ids).loss.item() * len(chunk))
         return sum(losses) / len(val)
+
+    async def on_Perturb(self, msg: Perturb) -> None:
+        await self._run(self._perturb)
+
+    def _perturb(self) -> None:
+        with self._lock, torch.no_grad():
+            for p in self.params:
+                p.add_(torch.randn_like(p) * 1e-2)
+            self.fingerprint = self._fingerprint()
 
     async def on_Snapshot(self, msg: Snapshot) -> dict[str, torch.Tensor]:
         return await self._run(self._snapshot)
@@ -208,6 +225,7 @@ class Trainer(Actor):
             for p in self.params:
                 self.optimizer.state[p]["step"] = torch.tensor(float(metadata["adam_step"]))
             self.step = int(metadata["step"])
+            self.fingerprint = self._fingerprint()
 
     def param_l2(self) -> float:
         with self._lock, torch.no_grad():

@@ -1,0 +1,62 @@
+"""Fault injection: a peer whose parameters silently diverge (as after an update only it applied) is caught by the
+group's parameter fingerprints at its next round, downloads the majority's state, and the swarm ends in agreement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from p2pfed.actors.averager import _diverged_members
+from p2pfed.report import max_param_divergence
+from tests.conftest import CPU_PROFILE, TINY, Launcher, wait_no_leftovers
+
+STEPS = 30
+PERTURB_AT = 10
+
+
+@pytest.mark.parametrize(
+    ("prints", "expected"),
+    [
+        ({"a": 1.0, "b": 1.0 + 1e-9, "c": 1.0}, set()),  # rounding noise only
+        ({"a": 1.0, "b": 1.01, "c": 1.0}, {"b"}),  # one outlier against a majority
+        ({"a": 1.01, "b": 1.0}, {"b"}),  # no majority: the smallest peer id's value wins
+        ({"a": 2.0, "b": 1.0, "c": 1.0, "d": 3.0}, {"a", "d"}),
+    ],
+)
+def test_diverged_members(prints: dict[str, float], expected: set[str]) -> None:
+    gathered = {peer: {"step": 5, "fingerprint": fp} for peer, fp in prints.items()}
+    assert _diverged_members(gathered) == expected
+
+
+@pytest.mark.slow
+def test_diverged_peer_recovers_the_swarm_state(launcher: Launcher, tmp_path: Path) -> None:
+    # Prepare: three peers; the third corrupts its own parameters after step PERTURB_AT.
+    def args(i: int, extra: list[str]) -> list[str]:
+        return [
+            "peer", "--config", TINY, "--profile", CPU_PROFILE, "--max-steps", str(STEPS), "--events", "jsonl",
+            "--set", "swarm.min_peers=3", "--set", "data.num_partitions=3", "--set", f"data.partition_index={i}",
+            "--report", str(tmp_path / f"peer{i}.json"), "--save-params", str(tmp_path / f"peer{i}.safetensors"),
+            *extra,
+        ]  # fmt: skip
+
+    first = launcher.start(*args(0, []), name="peer0")
+    bootstrap = first.bootstrap()
+    second = launcher.start(*args(1, ["--initial-peers", bootstrap]), name="peer1")
+    faulty = launcher.start(*args(2, ["--initial-peers", bootstrap, "--perturb-at", str(PERTURB_AT)]), name="peer2")
+
+    # Execute
+    codes = [p.wait(timeout=240) for p in (first, second, faulty)]
+
+    # Assert: the faulty peer was detected, took the others' state, and everyone ends with the same parameters.
+    assert codes == [0, 0, 0], [p.stderr()[-2000:] for p in (first, second, faulty)]
+    reports = [json.loads((tmp_path / f"peer{i}.json").read_text()) for i in range(3)]
+    assert "fault injection" in faulty.stderr()
+    assert any("diverged" in reason for reason in reports[2]["failure_reasons"])
+    assert reports[2]["state_downloads"] >= 1
+    assert reports[0]["state_downloads"] == 0 and reports[1]["state_downloads"] == 0
+    assert all(r["final_step"] == STEPS for r in reports)
+    divergence = max_param_divergence([tmp_path / f"peer{i}.safetensors" for i in range(3)])
+    assert divergence is not None and divergence < 1e-4
+    assert wait_no_leftovers(launcher) == []
