@@ -28,8 +28,10 @@ from p2pfed.actors.base import Supervisor
 from p2pfed.actors.discovery import Discovery
 from p2pfed.actors.messages import (
     Announce,
+    ApplyOuter,
     ApplyUpdate,
     ComputeGradients,
+    DiscardInner,
     DownloadState,
     Evaluate,
     Event,
@@ -39,6 +41,7 @@ from p2pfed.actors.messages import (
     Perturb,
     Progress,
     RoundResult,
+    RunInnerSteps,
     RunRound,
     SetGroupSize,
     Snapshot,
@@ -249,13 +252,19 @@ class Peer:
         dumped = 0
         alone_since: float | None = None
         wait_s: float | None = None  # set after a round in which a member was catching up
+        diloco = cfg.averaging.mode == "diloco"
 
         while not self.sup.stop_requested.is_set():
             step = self.trainer.step
             self.ctx.step = step
             if self.max_steps is not None and step >= self.max_steps:
                 break
-            grads = await self._until_stop(self.trainer.ask(ComputeGradients(), timeout=eval_timeout))
+            if diloco:  # H local steps (fewer at the end of the run), then one outer round
+                inner = min(cfg.averaging.inner_steps, (self.max_steps or step + cfg.averaging.inner_steps) - step)
+                work: Any = RunInnerSteps(steps=inner, first_step=step)
+            else:
+                inner, work = 1, ComputeGradients()
+            grads = await self._until_stop(self.trainer.ask(work, timeout=eval_timeout))
             if grads is None:
                 break
             self.stats["compute_s"] += grads.compute_s
@@ -286,7 +295,8 @@ class Peer:
                 if local is not None:
                     self._dump(step, grads.samples, local, grads.flat_grad)
                     dumped += 1
-                await self.trainer.ask(ApplyUpdate(step), timeout=eval_timeout)
+                apply = ApplyOuter(step, inner) if diloco else ApplyUpdate(step)
+                await self.trainer.ask(apply, timeout=eval_timeout)
                 if self.opt.perturb_at == step:
                     await self.trainer.ask(Perturb(), timeout=eval_timeout)
                     logger.warning("fault injection: parameters perturbed after step %d", step)
@@ -297,6 +307,8 @@ class Peer:
                 alone_since = None
             else:
                 self.stats["rounds_failed"] += 1
+                if diloco:
+                    await self.trainer.ask(DiscardInner(), timeout=eval_timeout)
                 self.stats["failures"][rnd.reason.split(":")[0]] += 1
                 logger.warning("round failed (%s); step skipped", rnd.reason)
                 others = [p for p in await self._others() if not p.finished]
@@ -319,7 +331,7 @@ class Peer:
                     if finished and cfg.averaging.min_group_size > 1:
                         self.monitor.tell(Event("finished", "the rest of the swarm has finished; stopping"))
                         break
-            if self.trainer.step != step and (self.trainer.step % t.eval_every == 0):
+            if self.trainer.step // t.eval_every != step // t.eval_every:
                 eval_loss = await self.trainer.ask(Evaluate(), timeout=eval_timeout)
             self.discovery.tell(Announce(self._record(loss=final_loss)))
             self.monitor.tell(

@@ -330,3 +330,17 @@ def test_cli_prints_one_error_line_and_exits_2(args, named):
     assert named in lines[0]
     assert "Traceback" not in result.output
     assert result.stdout == ""
+
+
+_ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.run.id
+
+
+@pytest.mark.parametrize("path", sorted((_ROOT / "peers").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_profile_loads(path: Path) -> None:
+    assert load_profile(path).name

@@ -9,8 +9,10 @@ import torch
 
 __all__ = [
     "Announce",
+    "ApplyOuter",
     "ApplyUpdate",
     "ComputeGradients",
+    "DiscardInner",
     "DownloadState",
     "Evaluate",
     "Event",
@@ -21,6 +23,7 @@ __all__ = [
     "Perturb",
     "Progress",
     "RoundResult",
+    "RunInnerSteps",
     "RunRound",
     "SetGroupSize",
     "Snapshot",
@@ -76,6 +79,28 @@ class ApplyUpdate:
     """Apply the averaged gradient (now in the trainer's flat_grad) as optimizer step `step`."""
 
     step: int
+
+
+@dataclass(frozen=True)
+class RunInnerSteps:
+    """DiLoCo: `steps` local optimizer steps from theta_start (global steps first_step...). Reply: GradientsReady
+    whose flat_grad is the pseudo-gradient theta_start - theta."""
+
+    steps: int
+    first_step: int
+
+
+@dataclass(frozen=True)
+class ApplyOuter:
+    """DiLoCo: outer Nesterov step with the averaged pseudo-gradient; the global step advances by `steps`."""
+
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class DiscardInner:
+    """DiLoCo: a failed outer round; return the model to theta_start."""
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,15 @@ import torch
 
 from p2pfed.actors.base import Actor
 from p2pfed.actors.messages import (
+    ApplyOuter,
     ApplyUpdate,
     ComputeGradients,
+    DiscardInner,
     Evaluate,
     GradientsReady,
     LoadState,
     Perturb,
+    RunInnerSteps,
     Snapshot,
 )
 from p2pfed.config import Config, Profile
@@ -73,12 +76,23 @@ class Trainer(Actor):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         self.flat_grad = torch.zeros(self.numel, dtype=torch.float32)
+        self.diloco = self.cfg.averaging.mode == "diloco"
+        # DiLoCo: the point all peers share (params move away from it during inner steps) and the outer optimizer.
+        self.theta_start = [p.detach().clone() for p in self.params] if self.diloco else []
+        a = self.cfg.averaging
+        self.outer_optimizer = torch.optim.SGD(self.params, lr=a.outer_lr, momentum=a.outer_momentum, nesterov=True)
+        for p in self.params:
+            self.outer_optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
         self.fingerprint = self._fingerprint()
 
+    def _shared_params(self) -> list[torch.Tensor]:
+        """The parameters every peer holds identically: the model's (sync) or the outer point theta_start (DiLoCo)."""
+        return self.theta_start if self.diloco else [p.detach() for p in self.params]
+
     def _fingerprint(self) -> float:
-        """Sum of squared parameters in float64: peers that applied the same updates agree on it to ~1e-7."""
+        """Sum of squared shared parameters in float64: peers that applied the same updates agree on it to ~1e-7."""
         with torch.no_grad():
-            return float(sum(p.detach().double().pow(2).sum() for p in self.params))
+            return float(sum(p.double().pow(2).sum() for p in self._shared_params()))
 
     async def on_stop(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -108,21 +122,33 @@ class Trainer(Actor):
     async def on_ComputeGradients(self, msg: ComputeGradients) -> GradientsReady:
         return await self._run(self._compute)
 
+    def _forward_backward(self, batch: torch.Tensor) -> float:
+        """Gradients of the mean loss over `batch` (B, T) into p.grad, in micro-batches; returns the mean loss."""
+        micro = self.cfg.training.micro_batch_size or len(batch)
+        total_loss = 0.0
+        self.model.train()
+        for p in self.params:
+            p.grad = None
+        for chunk in batch.split(micro):
+            ids = chunk.to(self.device)
+            loss = self.model(input_ids=ids, labels=ids).loss
+            (loss * (len(chunk) / len(batch))).backward()
+            total_loss += loss.item() * len(chunk)
+        return total_loss / len(batch)
+
+    def _slow_down(self, t0: float) -> float:
+        """Emulate slower hardware honestly: sleep in proportion to the real compute time; returns the total."""
+        compute_s = time.perf_counter() - t0
+        if self.profile.slowdown > 1.0:
+            time.sleep((self.profile.slowdown - 1.0) * compute_s)
+            compute_s = time.perf_counter() - t0
+        return compute_s
+
     def _compute(self) -> GradientsReady:
         t0 = time.perf_counter()
-        t = self.cfg.training
-        batch = self._next_batch(t.batch_size)
-        micro = t.micro_batch_size or t.batch_size
-        total_loss = 0.0
+        batch = self._next_batch(self.cfg.training.batch_size)
         with self._lock:
-            self.model.train()
-            for p in self.params:
-                p.grad = None
-            for chunk in batch.split(micro):
-                ids = chunk.to(self.device)
-                loss = self.model(input_ids=ids, labels=ids).loss
-                (loss * (len(chunk) / len(batch))).backward()
-                total_loss += loss.item() * len(chunk)
+            loss = self._forward_backward(batch)
             offset = 0
             for p in self.params:
                 n = p.numel()
@@ -131,13 +157,70 @@ class Trainer(Actor):
                 else:
                     self.flat_grad[offset : offset + n].copy_(p.grad.reshape(-1))
                 offset += n
-        compute_s = time.perf_counter() - t0
-        if self.profile.slowdown > 1.0:  # emulate slower hardware honestly: in proportion to real compute time
-            time.sleep((self.profile.slowdown - 1.0) * compute_s)
-            compute_s = time.perf_counter() - t0
+        return GradientsReady(flat_grad=self.flat_grad, samples=len(batch), loss=loss, compute_s=self._slow_down(t0))
+
+    # --- DiLoCo: H local AdamW steps, then the pseudo-gradient theta_start - theta is averaged -------------------
+
+    async def on_RunInnerSteps(self, msg: RunInnerSteps) -> GradientsReady:
+        return await self._run(self._inner_steps, msg.steps, msg.first_step)
+
+    def _inner_steps(self, steps: int, first_step: int) -> GradientsReady:
+        t0 = time.perf_counter()
+        t = self.cfg.training
+        losses = []
+        with self._lock:
+            for i in range(steps):
+                losses.append(self._forward_backward(self._next_batch(t.batch_size)))
+                if t.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
+                self._set_lr(first_step + i)
+                self.optimizer.step()
+            with torch.no_grad():
+                offset = 0
+                for p, start in zip(self.params, self.theta_start, strict=True):
+                    n = p.numel()
+                    self.flat_grad[offset : offset + n].copy_((start - p.detach()).reshape(-1))
+                    offset += n
         return GradientsReady(
-            flat_grad=self.flat_grad, samples=len(batch), loss=total_loss / len(batch), compute_s=compute_s
+            flat_grad=self.flat_grad,
+            samples=steps * t.batch_size,
+            loss=sum(losses) / len(losses),
+            compute_s=self._slow_down(t0),
         )
+
+    async def on_ApplyOuter(self, msg: ApplyOuter) -> None:
+        await self._run(self._apply_outer, msg.step, msg.steps)
+
+    def _apply_outer(self, step: int, steps: int) -> None:
+        """Outer Nesterov step from theta_start along the averaged pseudo-gradient (now in flat_grad)."""
+        with self._lock, torch.no_grad():
+            offset = 0
+            for p, start in zip(self.params, self.theta_start, strict=True):
+                n = p.numel()
+                p.copy_(start)
+                p.grad = self.flat_grad[offset : offset + n].view_as(p).to(self.device).clone()
+                offset += n
+            self.outer_optimizer.step()
+            for p, start in zip(self.params, self.theta_start, strict=True):
+                start.copy_(p.detach())
+            self.step = step + steps
+            self.samples_seen += steps * self.cfg.training.batch_size
+            self.fingerprint = self._fingerprint()
+
+    async def on_DiscardInner(self, msg: DiscardInner) -> None:
+        await self._run(self._discard_inner)
+
+    def _discard_inner(self) -> None:
+        """A failed outer round: drop the local progress, back to the point every peer shares."""
+        with self._lock, torch.no_grad():
+            for p, start in zip(self.params, self.theta_start, strict=True):
+                p.copy_(start)
+
+    def _set_lr(self, step: int) -> None:
+        t = self.cfg.training
+        lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     async def on_ApplyUpdate(self, msg: ApplyUpdate) -> None:
         await self._run(self._apply, msg.step)
@@ -194,10 +277,12 @@ class Trainer(Actor):
     # --- state sharing -------------------------------------------------------------------------------------------
 
     def _state_tensors(self) -> list[torch.Tensor]:
-        tensors = [p.detach() for p in self.params]
+        tensors = list(self._shared_params())
         for p in self.params:
             state = self.optimizer.state[p]
             tensors += [state["exp_avg"], state["exp_avg_sq"]]
+        if self.diloco:
+            tensors += [self.outer_optimizer.state[p]["momentum_buffer"] for p in self.params]
         return tensors
 
     def current_state(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
@@ -224,6 +309,9 @@ class Trainer(Actor):
                 dst.copy_(src)
             for p in self.params:
                 self.optimizer.state[p]["step"] = torch.tensor(float(metadata["adam_step"]))
+            if self.diloco:  # the model restarts its inner steps from the downloaded shared point
+                for p, start in zip(self.params, self.theta_start, strict=True):
+                    p.copy_(start)
             self.step = int(metadata["step"])
             self.fingerprint = self._fingerprint()
 
