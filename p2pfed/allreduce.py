@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import multiprocessing as mp
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -50,11 +51,12 @@ async def _count(stream: AsyncIterator[Any], add: Callable[[int], None]) -> Asyn
 class _CountingStub:
     """Wraps a peer stub so that every averaging message in either direction is counted."""
 
-    def __init__(self, stub: Any, runner: _CountingRunner) -> None:
-        self._stub, self._runner = stub, runner
+    def __init__(self, stub: Any, runner: _CountingRunner, peer: str) -> None:
+        self._stub, self._runner, self._peer = stub, runner, peer
 
     async def rpc_aggregate_part(self, inputs: AsyncIterator[Any], *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        stream = await self._stub.rpc_aggregate_part(_count(inputs, self._runner.add_sent), *args, **kwargs)
+        sent = functools.partial(self._runner.add_sent, peer=self._peer)
+        stream = await self._stub.rpc_aggregate_part(_count(inputs, sent), *args, **kwargs)
         return _count(stream, self._runner.add_received)
 
 
@@ -64,14 +66,16 @@ class _CountingRunner(AllReduceRunner):
         self.counters = counters
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.sent_by_peer: dict[str, int] = {}
         # A reducer's own result can be ready before its replies to the other peers have gone out; the round's
         # byte count waits for those streams to end.
         self._serving = 0
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def add_sent(self, n: int) -> None:
+    def add_sent(self, n: int, *, peer: str) -> None:
         self.bytes_sent += n
+        self.sent_by_peer[peer] = self.sent_by_peer.get(peer, 0) + n
         self.counters.sent.value += n
 
     def add_received(self, n: int) -> None:
@@ -79,7 +83,7 @@ class _CountingRunner(AllReduceRunner):
         self.counters.received.value += n
 
     def _get_peer_stub(self, peer: PeerID) -> Any:
-        return _CountingStub(super()._get_peer_stub(peer), self)
+        return _CountingStub(super()._get_peer_stub(peer), self, peer.to_base58())
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
@@ -88,7 +92,7 @@ class _CountingRunner(AllReduceRunner):
         self.idle.clear()
         try:
             async for msg in super().rpc_aggregate_part(_count(stream, self.add_received), context):
-                self.add_sent(msg.ByteSize())
+                self.add_sent(msg.ByteSize(), peer=context.remote_id.to_base58())
                 yield msg
         finally:
             self._serving -= 1
@@ -152,6 +156,7 @@ class SwarmAverager(DecentralizedAverager):
             "complete": runner is not None and runner.complete,
             "bytes_sent": runner.bytes_sent if runner else 0,
             "bytes_received": runner.bytes_received if runner else 0,
+            "sent_by_peer": dict(runner.sent_by_peer) if runner else {},
         }
 
     async def _run_allreduce_inplace_(

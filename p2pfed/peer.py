@@ -91,6 +91,7 @@ class Peer:
             "state_downloads": 0,
             "compute_s": 0.0,
             "failures": collections.Counter(),
+            "bytes_by_cloud": collections.Counter(),
         }
 
     # --- helpers -------------------------------------------------------------------------------------------------
@@ -187,6 +188,7 @@ class Peer:
                 numel=self.trainer.numel,
                 state_fn=self.trainer.current_state,
                 client_mode=self.profile.client_mode,
+                cloud=self.profile.cloud,
             )
             await self.sup.start_one(self.averager)
             self.sup.install_signal_handlers()
@@ -291,6 +293,7 @@ class Peer:
             wait_s = None
             if rnd is None:
                 break
+            self.stats["bytes_by_cloud"].update(rnd.bytes_by_cloud)
             if rnd.committed:
                 if local is not None:
                     self._dump(step, grads.samples, local, grads.flat_grad)
@@ -375,6 +378,7 @@ class Peer:
             "rounds_solo": self.stats["rounds_solo"],
             "bytes_sent": self.averager.bytes_sent,
             "bytes_received": self.averager.bytes_received,
+            "bytes_by_cloud": dict(self.stats["bytes_by_cloud"]),
             "param_l2": self.trainer.param_l2(),
             "initial_eval_loss": initial_eval,
             "start_step": start,

@@ -40,9 +40,11 @@ class Averager(Actor):
         numel: int,
         state_fn: Callable[[], tuple[Any, Sequence[torch.Tensor]]],
         client_mode: bool,
+        cloud: str,
     ) -> None:
         super().__init__()
         self.cfg, self.dht, self.numel, self.state_fn, self.client_mode = cfg, dht, numel, state_fn, client_mode
+        self.cloud = cloud
         self.buffer = torch.zeros(numel, dtype=torch.float32)
         self.avg: SwarmAverager | None = None
         self._control: Any = None  # the hivemind StepControl of the round in flight
@@ -108,7 +110,7 @@ class Averager(Actor):
         control = self.avg.step(
             scheduled_time=get_dht_time() + wait_s,
             weight=float(msg.weight),
-            gather={"step": msg.step, "fingerprint": msg.fingerprint},
+            gather={"step": msg.step, "fingerprint": msg.fingerprint, "cloud": self.cloud},
             timeout=a.round_timeout,
             allow_retries=True,
             wait=False,
@@ -138,6 +140,7 @@ class Averager(Actor):
             min_group_step=min(steps),
             bytes_sent=outcome["bytes_sent"],
             bytes_received=outcome["bytes_received"],
+            bytes_by_cloud=_by_cloud(outcome["sent_by_peer"], outcome["gathered"]),
         )
         if not outcome["complete"]:
             return _replace(result, reason="incomplete all-reduce: a member dropped out mid-round")
@@ -191,6 +194,16 @@ def _diverged_members(gathered: dict[str, Any]) -> set[str]:
         return set()
     best = max(clusters, key=lambda c: (len(c), [-ord(ch) for ch in min(c)]))
     return set(prints) - best
+
+
+def _by_cloud(sent_by_peer: dict[str, int], gathered: dict[str, Any]) -> dict[str, int]:
+    """Bytes sent per remote cloud label, from bytes per remote peer and the labels the members gathered."""
+    out: dict[str, int] = {}
+    for peer, n in sent_by_peer.items():
+        data = gathered.get(peer)
+        cloud = str(data.get("cloud", "unknown")) if isinstance(data, dict) else "unknown"
+        out[cloud] = out.get(cloud, 0) + n
+    return out
 
 
 def _cancel(control: Any) -> None:

@@ -148,6 +148,7 @@ class RoundResult:
     diverged: bool = False  # this peer's parameters disagree with the group's majority: it must download state
     bytes_sent: int = 0
     bytes_received: int = 0
+    bytes_by_cloud: dict[str, int] = field(default_factory=dict)  # remote cloud label -> bytes this peer sent there
 
 
 @dataclass(frozen=True)
