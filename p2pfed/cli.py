@@ -216,6 +216,32 @@ def status(initial_peers: tuple[str, ...], run_id: str | None, as_json: bool, ti
 
 
 @main.group()
+def config() -> None:
+    """Inspect configuration: the resolved run config, or the reference of every key."""
+
+
+@config.command("show")
+@_config_option
+@_set_option
+@user_errors
+def config_show(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Print the run config with defaults filled in and --set applied, as YAML."""
+    import yaml
+
+    from p2pfed.config import load_config
+
+    click.echo(yaml.safe_dump(load_config(config_path, overrides).model_dump(), sort_keys=False), nl=False)
+
+
+@config.command("reference")
+def config_reference() -> None:
+    """Print the configuration reference (markdown), generated from the config classes."""
+    from p2pfed.config_reference import reference_markdown
+
+    click.echo(reference_markdown(), nl=False)
+
+
+@main.group()
 def bench() -> None:
     """Benchmarks that print ours / reference ratios measured in one run."""
 

@@ -47,10 +47,10 @@ class ModelConfig(_Section):
     arch: Literal["llama", "gpt2"] = Field("llama", description="transformers architecture built from a config")
     preset: Literal["tiny", "small", "base", "1b"] = Field("tiny", description="size preset; fields below override it")
     path: str | None = Field(None, description="local directory of a saved transformers model; replaces arch/preset")
-    hidden_size: int | None = Field(None, ge=8)
-    num_layers: int | None = Field(None, ge=1)
-    num_heads: int | None = Field(None, ge=1)
-    intermediate_size: int | None = Field(None, ge=8)
+    hidden_size: int | None = Field(None, ge=8, description="width; default: the preset's")
+    num_layers: int | None = Field(None, ge=1, description="transformer blocks; default: the preset's")
+    num_heads: int | None = Field(None, ge=1, description="attention heads (divide hidden_size); default: the preset's")
+    intermediate_size: int | None = Field(None, ge=8, description="Llama MLP width (GPT-2 uses 4 x hidden)")
     seq_len: int = Field(64, ge=8, description="tokens per training sequence")
     tokenizer: str = Field(
         "byte", description="'byte' (256 ids, nothing to download) or a local HF tokenizer directory"

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from p2pfed.cli import main
@@ -344,3 +345,26 @@ def test_every_shipped_config_loads(path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((_ROOT / "peers").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_profile_loads(path: Path) -> None:
     assert load_profile(path).name
+
+
+def test_config_reference_in_docs_is_current() -> None:
+    from p2pfed.config_reference import reference_markdown
+
+    documented = (_ROOT / "docs" / "CONFIG.md").read_text()
+    assert documented == reference_markdown(), "docs/CONFIG.md is stale: run `p2pfed config reference > docs/CONFIG.md`"
+    for section, field in Config.model_fields.items():
+        for key in field.annotation.model_fields:  # type: ignore[union-attr]
+            assert f"`{section}.{key}`" in documented
+
+
+def test_config_show_prints_the_resolved_config() -> None:
+    from click.testing import CliRunner
+
+    from p2pfed.cli import main
+
+    result = CliRunner().invoke(main, ["config", "show", "--config", str(_ROOT / "configs" / "tiny.yaml"),
+                                       "--set", "averaging.mode=diloco"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert shown["averaging"]["mode"] == "diloco"
+    assert Config.model_validate(shown) == load_config(_ROOT / "configs" / "tiny.yaml", ["averaging.mode=diloco"])
