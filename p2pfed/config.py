@@ -107,6 +107,11 @@ class AveragingConfig(_Section):
     inner_steps: int = Field(50, ge=1, description="diloco: local steps per outer round (H)")
     outer_lr: float = Field(0.7, gt=0.0, description="diloco: outer learning rate (DiLoCo paper: 0.7)")
     outer_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="diloco: outer Nesterov momentum (paper: 0.9)")
+    overlap: bool = Field(
+        False,
+        description="diloco: average a phase's pseudo-gradient while the next phase trains; the outer update "
+        "lands one phase late",
+    )
     timeout: float = Field(30.0, gt=0.0, description="seconds an all-reduce may take before the round fails")
     matchmaking_time: float = Field(
         5.0, gt=0.0, description="seconds a round waits for missing live peers before averaging without them"

@@ -36,6 +36,7 @@ from p2pfed.actors.messages import (
     Evaluate,
     Event,
     GetPeers,
+    GradientsReady,
     LoadState,
     PeerRecord,
     Perturb,
@@ -82,6 +83,8 @@ class Peer:
         self.ctx = options.context
         self.samples_per_s = 0.0
         self.start_step: int | None = None
+        # DiLoCo with overlap: (pseudo-gradient, its round in flight)
+        self._pending: tuple[torch.Tensor, asyncio.Future[RoundResult]] | None = None
         # (when last read, unfinished peers, ready peers), see _swarm_size
         self._swarm_checked: tuple[float, int, int] = (0.0, cfg.swarm.min_peers, cfg.swarm.min_peers)
         self.stats: dict[str, Any] = {
@@ -255,6 +258,7 @@ class Peer:
         alone_since: float | None = None
         wait_s: float | None = None  # set after a round in which a member was catching up
         diloco = cfg.averaging.mode == "diloco"
+        overlap = diloco and cfg.averaging.overlap
 
         while not self.sup.stop_requested.is_set():
             step = self.trainer.step
@@ -275,7 +279,9 @@ class Peer:
             local = grads.flat_grad.clone() if self.opt.dump_grads and dumped < _DUMP_ROUNDS else None
             unfinished, _ = await self._swarm_size()
             rnd: RoundResult | None
-            if unfinished <= 1:
+            if overlap:
+                rnd = await self._overlap_phase(step, inner, grads)
+            elif unfinished <= 1:
                 rnd = RoundResult(committed=True, group_size=1)  # nobody to average with: a local step
             else:
                 rnd = await self._until_stop(
@@ -294,11 +300,15 @@ class Peer:
             if rnd is None:
                 break
             self.stats["bytes_by_cloud"].update(rnd.bytes_by_cloud)
-            if rnd.committed:
+            if rnd.committed and overlap:  # the phase is applied; rnd is the previous phase's round
+                self.stats["rounds_ok" if rnd.group_size > 1 else "rounds_solo"] += rnd.group_size > 0
+                initial_loss = grads.loss if initial_loss is None else initial_loss
+                final_loss = grads.loss
+            elif rnd.committed:
                 if local is not None:
                     self._dump(step, grads.samples, local, grads.flat_grad)
                     dumped += 1
-                apply = ApplyOuter(step, inner) if diloco else ApplyUpdate(step)
+                apply = ApplyOuter(step, inner, grads.flat_grad) if diloco else ApplyUpdate(step)
                 await self.trainer.ask(apply, timeout=eval_timeout)
                 if self.opt.perturb_at == step:
                     await self.trainer.ask(Perturb(), timeout=eval_timeout)
@@ -310,7 +320,7 @@ class Peer:
                 alone_since = None
             else:
                 self.stats["rounds_failed"] += 1
-                if diloco:
+                if diloco and not overlap:
                     await self.trainer.ask(DiscardInner(), timeout=eval_timeout)
                 self.stats["failures"][rnd.reason.split(":")[0]] += 1
                 logger.warning("round failed (%s); step skipped", rnd.reason)
@@ -318,8 +328,10 @@ class Peer:
                 ahead = max([p.step for p in others] + [rnd.max_group_step])
                 if rnd.diverged:  # this peer applied an update the others did not: take the majority's state
                     self.averager.set_state_priority(self.trainer.step - 0.5)  # nobody should copy us meanwhile
+                    await self._drop_pending()
                     await self._catch_up(self.trainer.step)
                 elif ahead > self.trainer.step:
+                    await self._drop_pending()
                     await self._catch_up(ahead)
                 elif 0 <= rnd.min_group_step < self.trainer.step:
                     wait_s = cfg.averaging.catchup_grace  # hold the next group open while the laggard catches up
@@ -349,7 +361,62 @@ class Peer:
                     rounds_failed=self.stats["rounds_failed"],
                 )
             )
+        if self._pending is not None and not self.sup.stop_requested.is_set():
+            await self._settle_pending()
         return await self._finish(t_start, initial_eval, initial_loss, final_loss, eval_timeout)
+
+    # --- DiLoCo with overlap: a phase's average runs while the next phase trains ---------------------------------
+
+    async def _overlap_phase(self, step: int, inner: int, grads: GradientsReady) -> RoundResult | None:
+        """Apply the previous phase's round (when it is in), carry this phase's progress on top of the shared
+        point, and start averaging this phase in the background. Returns the previous phase's round result."""
+        delta = grads.flat_grad.clone()  # (P,) this phase's pseudo-gradient; the trainer reuses flat_grad
+        rnd: RoundResult | None = RoundResult(committed=True, group_size=0)  # the first phase has no earlier round
+        averaged = None
+        if self._pending is not None:
+            prev_delta, task = self._pending
+            self._pending = None
+            rnd = await self._until_stop(task)
+            if rnd is None:
+                return None
+            averaged = prev_delta if rnd.committed else None
+        assert rnd is not None
+        await self.trainer.ask(ApplyOuter(step, inner, averaged, carry=delta), timeout=600.0)
+        unfinished, _ = await self._swarm_size()
+        if unfinished <= 1:
+            solo: asyncio.Future[RoundResult] = asyncio.get_running_loop().create_future()
+            solo.set_result(RoundResult(committed=True, group_size=1))
+            self._pending = (delta, solo)
+        else:
+            a = self.cfg.averaging
+            ask = self.averager.ask(
+                RunRound(
+                    step=self.trainer.step, flat_grad=delta, weight=grads.samples, fingerprint=self.trainer.fingerprint
+                ),
+                timeout=a.round_timeout + a.timeout + 10,
+            )
+            self._pending = (delta, asyncio.ensure_future(ask))
+        return rnd
+
+    async def _settle_pending(self) -> None:
+        """End of the run: wait for the last phase's round and land on the shared point."""
+        assert self._pending is not None
+        prev_delta, task = self._pending
+        self._pending = None
+        rnd = await self._until_stop(task)
+        if rnd is None:
+            return
+        self.stats["rounds_ok" if rnd.group_size > 1 else "rounds_solo"] += int(rnd.committed)
+        self.stats["rounds_failed"] += int(not rnd.committed)
+        averaged = prev_delta if rnd.committed else None
+        await self.trainer.ask(ApplyOuter(self.trainer.step, 0, averaged, carry=None), timeout=600.0)
+
+    async def _drop_pending(self) -> None:
+        """Before replacing our state with the swarm's, let the round in flight end and forget it."""
+        if self._pending is not None:
+            _, task = self._pending
+            self._pending = None
+            await self._until_stop(task)
 
     async def _finish(
         self,

@@ -42,11 +42,11 @@ def test_late_joiner_downloads_state_and_status_lists_peers(launcher: Launcher, 
         assert first.proc.poll() is None, first.stderr()[-2000:]
         time.sleep(0.2)
 
-    # Execute: a third peer joins mid-run; status sees the run while it trains.
-    late = launcher.start(*_args(tmp_path, 2, ["--initial-peers", bootstrap]), name="peer2")
+    # Execute: status sees the run while it trains; a third peer joins mid-run.
     status = launcher.start("status", "--initial-peers", bootstrap, "--json", name="status")
     assert status.wait(timeout=60) == 0, status.stderr()
     runs = json.loads(status.stdout())
+    late = launcher.start(*_args(tmp_path, 2, ["--initial-peers", bootstrap]), name="peer2")
     codes = [p.wait(timeout=240) for p in (first, second, late)]
 
     # Assert: status listed the two training peers of run "tiny" with their progress.

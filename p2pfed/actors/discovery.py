@@ -61,7 +61,7 @@ def start_dht(
             return hivemind.DHT(
                 initial_peers=list(initial_peers),
                 start=True,
-                host_maddrs=[listen] if not client_mode else [],
+                host_maddrs=[listen],  # client mode too: never the daemon's default of every interface
                 client_mode=client_mode,
                 nat_port_map=False,
                 auto_nat=False,

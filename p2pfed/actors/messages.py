@@ -92,10 +92,13 @@ class RunInnerSteps:
 
 @dataclass(frozen=True)
 class ApplyOuter:
-    """DiLoCo: outer Nesterov step with the averaged pseudo-gradient; the global step advances by `steps`."""
+    """DiLoCo: outer Nesterov step with the averaged pseudo-gradient (None after a failed round), then the model
+    is theta_start - carry (carry: the pseudo-gradient of a phase still being averaged); step advances by steps."""
 
     step: int
     steps: int
+    averaged: torch.Tensor | None
+    carry: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -159,16 +159,19 @@ class Trainer(Actor):
                 offset += n
         return GradientsReady(flat_grad=self.flat_grad, samples=len(batch), loss=loss, compute_s=self._slow_down(t0))
 
-    # --- DiLoCo: H local AdamW steps, then the pseudo-gradient theta_start - theta is averaged -------------------
+    # --- DiLoCo: H local AdamW steps, then the pseudo-gradient (the phase's change, negated) is averaged --------
 
     async def on_RunInnerSteps(self, msg: RunInnerSteps) -> GradientsReady:
         return await self._run(self._inner_steps, msg.steps, msg.first_step)
 
     def _inner_steps(self, steps: int, first_step: int) -> GradientsReady:
+        """`steps` local steps; flat_grad becomes origin - theta, the pseudo-gradient of this phase. Without
+        overlap the phase starts at theta_start; with overlap it also carries the previous, not yet averaged one."""
         t0 = time.perf_counter()
         t = self.cfg.training
         losses = []
         with self._lock:
+            origin = [p.detach().clone() for p in self.params]
             for i in range(steps):
                 losses.append(self._forward_backward(self._next_batch(t.batch_size)))
                 if t.max_grad_norm is not None:
@@ -177,7 +180,7 @@ class Trainer(Actor):
                 self.optimizer.step()
             with torch.no_grad():
                 offset = 0
-                for p, start in zip(self.params, self.theta_start, strict=True):
+                for p, start in zip(self.params, origin, strict=True):
                     n = p.numel()
                     self.flat_grad[offset : offset + n].copy_((start - p.detach()).reshape(-1))
                     offset += n
@@ -189,20 +192,29 @@ class Trainer(Actor):
         )
 
     async def on_ApplyOuter(self, msg: ApplyOuter) -> None:
-        await self._run(self._apply_outer, msg.step, msg.steps)
+        await self._run(self._apply_outer, msg.step, msg.steps, msg.averaged, msg.carry)
 
-    def _apply_outer(self, step: int, steps: int) -> None:
-        """Outer Nesterov step from theta_start along the averaged pseudo-gradient (now in flat_grad)."""
+    def _apply_outer(self, step: int, steps: int, averaged: torch.Tensor | None, carry: torch.Tensor | None) -> None:
+        """Outer Nesterov step of theta_start along `averaged` (None: a failed round, theta_start stays), then
+        theta = theta_start - carry: the local phase whose average is still under way (overlap), or nothing."""
         with self._lock, torch.no_grad():
+            if averaged is not None:
+                offset = 0
+                for p, start in zip(self.params, self.theta_start, strict=True):
+                    n = p.numel()
+                    p.copy_(start)
+                    p.grad = averaged[offset : offset + n].view_as(p).to(self.device).clone()
+                    offset += n
+                self.outer_optimizer.step()
+                for p, start in zip(self.params, self.theta_start, strict=True):
+                    start.copy_(p.detach())
             offset = 0
             for p, start in zip(self.params, self.theta_start, strict=True):
                 n = p.numel()
                 p.copy_(start)
-                p.grad = self.flat_grad[offset : offset + n].view_as(p).to(self.device).clone()
+                if carry is not None:
+                    p.sub_(carry[offset : offset + n].view_as(p).to(self.device))
                 offset += n
-            self.outer_optimizer.step()
-            for p, start in zip(self.params, self.theta_start, strict=True):
-                start.copy_(p.detach())
             self.step = step + steps
             self.samples_seen += steps * self.cfg.training.batch_size
             self.fingerprint = self._fingerprint()
