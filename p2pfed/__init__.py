@@ -1,11 +1,14 @@
 """p2pfed: train one causal language model across sites, peer to peer, with no central server.
 
 config.py     typed run config and peer profiles (pydantic; unknown keys rejected)
+config_reference.py  the configuration reference (docs/CONFIG.md), generated from config.py
 data.py       text sources, byte tokenizer, train/val split and per-peer partitions
 model.py      transformers causal LMs built from a config (Llama, GPT-2) or a local directory
 allreduce.py  hivemind's all-reduce made strict (commit only complete rounds) and byte-counted
 actors/       a peer's actors: Discovery, Trainer, Averager, Monitor and their Supervisor
 peer.py       one peer: wires the actors and runs the round loop
+overlap.py    DiLoCo with overlap: a phase's all-reduce runs while the next phase trains
+compression/  compressors behind a small ABC (none, fp16, uint8, randomk, topk, powersgd) and error feedback
 swarm.py      a local multi-process swarm (process groups, progress, combined report)
 status.py     live peers of a run, read from the DHT
 bench/        benchmarks that print ours / reference ratios

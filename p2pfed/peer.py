@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from safetensors.torch import save_file
 
 from p2pfed.actors.averager import Averager
@@ -36,7 +35,6 @@ from p2pfed.actors.messages import (
     Evaluate,
     Event,
     GetPeers,
-    GradientsReady,
     LoadState,
     PeerRecord,
     Perturb,
@@ -53,6 +51,8 @@ from p2pfed.config import Config, Profile
 from p2pfed.data import load_corpus
 from p2pfed.errors import UserError
 from p2pfed.log import PeerContext
+from p2pfed.overlap import OverlappedRounds
+from p2pfed.report import dump_round
 
 __all__ = ["Peer", "PeerOptions"]
 
@@ -83,8 +83,6 @@ class Peer:
         self.ctx = options.context
         self.samples_per_s = 0.0
         self.start_step: int | None = None
-        # DiLoCo with overlap: (pseudo-gradient, its round in flight)
-        self._pending: tuple[torch.Tensor, asyncio.Future[RoundResult]] | None = None
         # (when last read, unfinished peers, ready peers), see _swarm_size
         self._swarm_checked: tuple[float, int, int] = (0.0, cfg.swarm.min_peers, cfg.swarm.min_peers)
         self.stats: dict[str, Any] = {
@@ -194,6 +192,9 @@ class Peer:
                 cloud=self.profile.cloud,
             )
             await self.sup.start_one(self.averager)
+            self.overlap = OverlappedRounds(
+                cfg, trainer=self.trainer, averager=self.averager, until_stop=self._until_stop
+            )
             self.sup.install_signal_handlers()
             self.discovery.tell(Announce(self._record(loss=None)))
             report = await self._train(t_start)
@@ -280,7 +281,7 @@ class Peer:
             unfinished, _ = await self._swarm_size()
             rnd: RoundResult | None
             if overlap:
-                rnd = await self._overlap_phase(step, inner, grads)
+                rnd = await self.overlap.phase_done(step, inner, grads, alone=unfinished <= 1)
             elif unfinished <= 1:
                 rnd = RoundResult(committed=True, group_size=1)  # nobody to average with: a local step
             else:
@@ -306,7 +307,7 @@ class Peer:
                 final_loss = grads.loss
             elif rnd.committed:
                 if local is not None:
-                    self._dump(step, grads.samples, local, grads.flat_grad)
+                    dump_round(self.opt.dump_grads, self.peer_id, step, grads.samples, local, grads.flat_grad)
                     dumped += 1
                 apply = ApplyOuter(step, inner, grads.flat_grad) if diloco else ApplyUpdate(step)
                 await self.trainer.ask(apply, timeout=eval_timeout)
@@ -328,10 +329,10 @@ class Peer:
                 ahead = max([p.step for p in others] + [rnd.max_group_step])
                 if rnd.diverged:  # this peer applied an update the others did not: take the majority's state
                     self.averager.set_state_priority(self.trainer.step - 0.5)  # nobody should copy us meanwhile
-                    await self._drop_pending()
+                    await self.overlap.drop()
                     await self._catch_up(self.trainer.step)
                 elif ahead > self.trainer.step:
-                    await self._drop_pending()
+                    await self.overlap.drop()
                     await self._catch_up(ahead)
                 elif 0 <= rnd.min_group_step < self.trainer.step:
                     wait_s = cfg.averaging.catchup_grace  # hold the next group open while the laggard catches up
@@ -361,62 +362,12 @@ class Peer:
                     rounds_failed=self.stats["rounds_failed"],
                 )
             )
-        if self._pending is not None and not self.sup.stop_requested.is_set():
-            await self._settle_pending()
+        if overlap and not self.sup.stop_requested.is_set():
+            last = await self.overlap.settle()
+            if last is not None:
+                self.stats["rounds_ok" if last.group_size > 1 else "rounds_solo"] += int(last.committed)
+                self.stats["rounds_failed"] += int(not last.committed)
         return await self._finish(t_start, initial_eval, initial_loss, final_loss, eval_timeout)
-
-    # --- DiLoCo with overlap: a phase's average runs while the next phase trains ---------------------------------
-
-    async def _overlap_phase(self, step: int, inner: int, grads: GradientsReady) -> RoundResult | None:
-        """Apply the previous phase's round (when it is in), carry this phase's progress on top of the shared
-        point, and start averaging this phase in the background. Returns the previous phase's round result."""
-        delta = grads.flat_grad.clone()  # (P,) this phase's pseudo-gradient; the trainer reuses flat_grad
-        rnd: RoundResult | None = RoundResult(committed=True, group_size=0)  # the first phase has no earlier round
-        averaged = None
-        if self._pending is not None:
-            prev_delta, task = self._pending
-            self._pending = None
-            rnd = await self._until_stop(task)
-            if rnd is None:
-                return None
-            averaged = prev_delta if rnd.committed else None
-        assert rnd is not None
-        await self.trainer.ask(ApplyOuter(step, inner, averaged, carry=delta), timeout=600.0)
-        unfinished, _ = await self._swarm_size()
-        if unfinished <= 1:
-            solo: asyncio.Future[RoundResult] = asyncio.get_running_loop().create_future()
-            solo.set_result(RoundResult(committed=True, group_size=1))
-            self._pending = (delta, solo)
-        else:
-            a = self.cfg.averaging
-            ask = self.averager.ask(
-                RunRound(
-                    step=self.trainer.step, flat_grad=delta, weight=grads.samples, fingerprint=self.trainer.fingerprint
-                ),
-                timeout=a.round_timeout + a.timeout + 10,
-            )
-            self._pending = (delta, asyncio.ensure_future(ask))
-        return rnd
-
-    async def _settle_pending(self) -> None:
-        """End of the run: wait for the last phase's round and land on the shared point."""
-        assert self._pending is not None
-        prev_delta, task = self._pending
-        self._pending = None
-        rnd = await self._until_stop(task)
-        if rnd is None:
-            return
-        self.stats["rounds_ok" if rnd.group_size > 1 else "rounds_solo"] += int(rnd.committed)
-        self.stats["rounds_failed"] += int(not rnd.committed)
-        averaged = prev_delta if rnd.committed else None
-        await self.trainer.ask(ApplyOuter(self.trainer.step, 0, averaged, carry=None), timeout=600.0)
-
-    async def _drop_pending(self) -> None:
-        """Before replacing our state with the swarm's, let the round in flight end and forget it."""
-        if self._pending is not None:
-            _, task = self._pending
-            self._pending = None
-            await self._until_stop(task)
 
     async def _finish(
         self,
@@ -465,12 +416,3 @@ class Peer:
             Path(self.opt.report_path).write_text(json.dumps(report, indent=2))
         self.monitor.tell(Event("done", f"finished at step {self.trainer.step}: eval loss {eval_loss:.4f}", report))
         return report
-
-    def _dump(self, step: int, weight: int, local: torch.Tensor, averaged: torch.Tensor) -> None:
-        assert self.opt.dump_grads is not None
-        out = Path(self.opt.dump_grads)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {"local": local, "averaged": averaged.clone(), "weight": torch.tensor([float(weight)])},
-            str(out / f"{self.peer_id}-step{step}.safetensors"),
-        )

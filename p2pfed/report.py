@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-__all__ = ["PEER_KEYS", "combine_reports", "max_param_divergence"]
+__all__ = ["PEER_KEYS", "combine_reports", "dump_round", "max_param_divergence"]
 
 PEER_KEYS = (
     "peer_id",
@@ -57,3 +57,17 @@ def combine_reports(
         if p.is_file():
             peers.append(json.loads(p.read_text()))
     return {"run_id": run_id, "peers": peers, "max_param_divergence": max_param_divergence(param_files)}
+
+
+def dump_round(
+    out_dir: str | Path | None, peer_id: str, step: int, weight: int, local: torch.Tensor, averaged: torch.Tensor
+) -> None:
+    """Test aid (--dump-grads): a round's local and averaged gradient and the peer's weight, as safetensors."""
+    if out_dir is None:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {"local": local, "averaged": averaged.clone(), "weight": torch.tensor([float(weight)])},
+        str(out / f"{peer_id}-step{step}.safetensors"),
+    )
