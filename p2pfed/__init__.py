@@ -8,6 +8,7 @@ allreduce.py  hivemind's all-reduce made strict (commit only complete rounds) an
 actors/       a peer's actors: Discovery, Trainer, Averager, Monitor and their Supervisor
 peer.py       one peer: wires the actors and runs the round loop
 overlap.py    DiLoCo with overlap: a phase's all-reduce runs while the next phase trains
+gossip.py     gossip: parameter averaging with whichever few peers are ready, no global barrier
 compression/  compressors behind a small ABC (none, fp16, uint8, randomk, topk, powersgd) and error feedback
 swarm.py      a local multi-process swarm (process groups, progress, combined report)
 status.py     live peers of a run, read from the DHT

@@ -99,12 +99,14 @@ class CompressionConfig(_Section):
 
 
 class AveragingConfig(_Section):
-    mode: Literal["sync", "diloco"] = Field(
+    mode: Literal["sync", "diloco", "gossip"] = Field(
         "sync",
         description="'sync': average gradients every step; 'diloco': inner_steps local AdamW steps, then average the "
-        "pseudo-gradient and take an outer Nesterov step",
+        "pseudo-gradient and take an outer Nesterov step; 'gossip': inner_steps local steps, then average parameters "
+        "with whichever gossip_group_size peers are ready, no global barrier",
     )
-    inner_steps: int = Field(50, ge=1, description="diloco: local steps per outer round (H)")
+    inner_steps: int = Field(50, ge=1, description="diloco and gossip: local steps per round (H)")
+    gossip_group_size: int = Field(2, ge=2, description="gossip: peers per averaging group")
     outer_lr: float = Field(0.7, gt=0.0, description="diloco: outer learning rate (DiLoCo paper: 0.7)")
     outer_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="diloco: outer Nesterov momentum (paper: 0.9)")
     overlap: bool = Field(
@@ -157,6 +159,8 @@ class Config(_Section):
     def group_size(self, ready_peers: int) -> int:
         """How many peers a round waits for: every ready peer, at least swarm.min_peers (the expected swarm size;
         below it a round waits averaging.matchmaking_time for the missing), capped by averaging.target_group_size."""
+        if self.averaging.mode == "gossip":
+            return self.averaging.gossip_group_size
         size = max(ready_peers, self.swarm.min_peers, self.averaging.min_group_size)
         cap = self.averaging.target_group_size
         return min(size, cap) if cap is not None else size

@@ -50,6 +50,7 @@ from p2pfed.actors.trainer import Trainer
 from p2pfed.config import Config, Profile
 from p2pfed.data import load_corpus
 from p2pfed.errors import UserError
+from p2pfed.gossip import GossipRounds
 from p2pfed.log import PeerContext
 from p2pfed.overlap import OverlappedRounds
 from p2pfed.report import dump_round
@@ -93,6 +94,7 @@ class Peer:
             "compute_s": 0.0,
             "failures": collections.Counter(),
             "bytes_by_cloud": collections.Counter(),
+            "gossip_missed": 0,
         }
 
     # --- helpers -------------------------------------------------------------------------------------------------
@@ -195,6 +197,7 @@ class Peer:
             self.overlap = OverlappedRounds(
                 cfg, trainer=self.trainer, averager=self.averager, until_stop=self._until_stop
             )
+            self.gossip = GossipRounds(cfg, trainer=self.trainer, averager=self.averager, until_stop=self._until_stop)
             self.sup.install_signal_handlers()
             self.discovery.tell(Announce(self._record(loss=None)))
             report = await self._train(t_start)
@@ -260,13 +263,14 @@ class Peer:
         wait_s: float | None = None  # set after a round in which a member was catching up
         diloco = cfg.averaging.mode == "diloco"
         overlap = diloco and cfg.averaging.overlap
+        gossip = cfg.averaging.mode == "gossip"
 
         while not self.sup.stop_requested.is_set():
             step = self.trainer.step
             self.ctx.step = step
             if self.max_steps is not None and step >= self.max_steps:
                 break
-            if diloco:  # H local steps (fewer at the end of the run), then one outer round
+            if diloco or gossip:  # H local steps (fewer at the end of the run), then one round
                 inner = min(cfg.averaging.inner_steps, (self.max_steps or step + cfg.averaging.inner_steps) - step)
                 work: Any = RunInnerSteps(steps=inner, first_step=step)
             else:
@@ -282,6 +286,8 @@ class Peer:
             rnd: RoundResult | None
             if overlap:
                 rnd = await self.overlap.phase_done(step, inner, grads, alone=unfinished <= 1)
+            elif gossip:
+                rnd = await self.gossip.phase_done(step, inner, grads, alone=unfinished <= 1)
             elif unfinished <= 1:
                 rnd = RoundResult(committed=True, group_size=1)  # nobody to average with: a local step
             else:
@@ -301,7 +307,9 @@ class Peer:
             if rnd is None:
                 break
             self.stats["bytes_by_cloud"].update(rnd.bytes_by_cloud)
-            if rnd.committed and overlap:  # the phase is applied; rnd is the previous phase's round
+            if gossip and not rnd.committed:  # no partner this time, or a group that fell apart: train on
+                self.stats["gossip_missed"] += 1
+            elif rnd.committed and (overlap or gossip):  # already applied (overlap: rnd is the previous round)
                 self.stats["rounds_ok" if rnd.group_size > 1 else "rounds_solo"] += rnd.group_size > 0
                 initial_loss = grads.loss if initial_loss is None else initial_loss
                 final_loss = grads.loss
@@ -397,6 +405,8 @@ class Peer:
             "bytes_sent": self.averager.bytes_sent,
             "bytes_received": self.averager.bytes_received,
             "bytes_by_cloud": dict(self.stats["bytes_by_cloud"]),
+            "gossip_missed": self.stats["gossip_missed"],
+            "gossip_disagreement": [round(d, 6) for d in self.gossip.disagreement],
             "param_l2": self.trainer.param_l2(),
             "initial_eval_loss": initial_eval,
             "start_step": start,

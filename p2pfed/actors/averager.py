@@ -107,11 +107,13 @@ class Averager(Actor):
             buffer.copy_(msg.flat_grad)
         t0 = time.perf_counter()
         wait_s = a.matchmaking_time if msg.wait_s is None else msg.wait_s
+        gossip = a.mode == "gossip"
         control = self.avg.step(
             scheduled_time=get_dht_time() + wait_s,
             weight=float(msg.weight),
             gather={"step": msg.step, "fingerprint": msg.fingerprint, "cloud": self.cloud},
-            timeout=a.round_timeout,
+            # gossip: a peer that finds no partner soon trains on instead of waiting out the round
+            timeout=2 * wait_s + a.request_timeout if gossip else a.round_timeout,
             allow_retries=True,
             wait=False,
         )
@@ -144,6 +146,10 @@ class Averager(Actor):
         )
         if not outcome["complete"]:
             return _replace(result, reason="incomplete all-reduce: a member dropped out mid-round")
+        if gossip:  # members may be at different steps and hold different parameters: that is what gossip averages
+            with self.avg.get_tensors() as (buffer,):
+                msg.flat_grad.copy_(buffer)
+            return _replace(result, committed=True)
         if any(s != msg.step for s in steps):
             return _replace(result, reason=f"group members were at different steps {sorted(steps)}")
         outliers = _diverged_members(outcome["gathered"])

@@ -16,6 +16,7 @@ __all__ = [
     "DownloadState",
     "Evaluate",
     "Event",
+    "FlatParams",
     "GetPeers",
     "GradientsReady",
     "LoadState",
@@ -26,6 +27,7 @@ __all__ = [
     "RunInnerSteps",
     "RunRound",
     "SetGroupSize",
+    "SetParams",
     "Snapshot",
 ]
 
@@ -99,6 +101,20 @@ class ApplyOuter:
     steps: int
     averaged: torch.Tensor | None
     carry: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class FlatParams:
+    """Reply: a flat fp32 copy (P,) of this peer's parameters."""
+
+
+@dataclass(frozen=True)
+class SetParams:
+    """Gossip: parameters become `flat` (None: keep the local ones); the step advances by `steps`."""
+
+    step: int
+    steps: int
+    flat: torch.Tensor | None
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,12 @@ from p2pfed.actors.messages import (
     ComputeGradients,
     DiscardInner,
     Evaluate,
+    FlatParams,
     GradientsReady,
     LoadState,
     Perturb,
     RunInnerSteps,
+    SetParams,
     Snapshot,
 )
 from p2pfed.config import Config, Profile
@@ -215,6 +217,28 @@ class Trainer(Actor):
                 if carry is not None:
                     p.sub_(carry[offset : offset + n].view_as(p).to(self.device))
                 offset += n
+            self.step = step + steps
+            self.samples_seen += steps * self.cfg.training.batch_size
+            self.fingerprint = self._fingerprint()
+
+    async def on_FlatParams(self, msg: FlatParams) -> torch.Tensor:
+        return await self._run(self._flat_params)
+
+    def _flat_params(self) -> torch.Tensor:
+        with self._lock, torch.no_grad():
+            return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
+
+    async def on_SetParams(self, msg: SetParams) -> None:
+        await self._run(self._set_params, msg.step, msg.steps, msg.flat)
+
+    def _set_params(self, step: int, steps: int, flat: torch.Tensor | None) -> None:
+        with self._lock, torch.no_grad():
+            if flat is not None:
+                offset = 0
+                for p in self.params:
+                    n = p.numel()
+                    p.copy_(flat[offset : offset + n].view_as(p))
+                    offset += n
             self.step = step + steps
             self.samples_seen += steps * self.cfg.training.batch_size
             self.fingerprint = self._fingerprint()

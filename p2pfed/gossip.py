@@ -1,0 +1,51 @@
+"""Gossip averaging: no global barrier. After `inner_steps` local steps a peer averages its parameters with
+whichever few live peers are ready at that moment (a group of `averaging.gossip_group_size`), and trains on.
+
+Peers need not be at the same step or hold the same parameters: the averages pull them toward consensus, and a
+round without a partner is simply a phase without averaging. The distance between a peer's parameters and its
+group's average is recorded each round, so the shrinking spread can be seen in the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from p2pfed.actors.messages import FlatParams, GradientsReady, RoundResult, RunRound, SetParams
+from p2pfed.config import Config
+
+__all__ = ["GossipRounds"]
+
+
+class GossipRounds:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        trainer: Any,
+        averager: Any,
+        until_stop: Callable[[Awaitable[Any]], Awaitable[Any]],
+    ) -> None:
+        self.cfg, self.trainer, self.averager, self._until_stop = cfg, trainer, averager, until_stop
+        self.disagreement: list[float] = []  # per committed round: || theta_local - theta_group_average ||_2
+
+    async def phase_done(self, step: int, inner: int, grads: GradientsReady, *, alone: bool) -> RoundResult | None:
+        """Average parameters with a small group (unless alone), then advance by the phase's steps either way."""
+        theta = await self.trainer.ask(FlatParams(), timeout=600.0)  # (P,) fp32 copy of this peer's parameters
+        rnd: RoundResult | None = RoundResult(committed=False, group_size=0, reason="no partner")
+        if not alone:
+            local = theta.clone()
+            a = self.cfg.averaging
+            rnd = await self._until_stop(
+                self.averager.ask(
+                    RunRound(step=step, flat_grad=theta, weight=grads.samples, fingerprint=self.trainer.fingerprint),
+                    timeout=a.round_timeout + a.timeout + 10,
+                )
+            )
+            if rnd is None:
+                return None
+            if rnd.committed:
+                self.disagreement.append(float((local - theta).double().norm()))
+        assert rnd is not None
+        await self.trainer.ask(SetParams(step, inner, theta if rnd.committed else None), timeout=600.0)
+        return rnd
