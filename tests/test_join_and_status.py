@@ -46,7 +46,10 @@ def test_late_joiner_downloads_state_and_status_lists_peers(launcher: Launcher, 
     status = launcher.start("status", "--initial-peers", bootstrap, "--json", name="status")
     assert status.wait(timeout=60) == 0, status.stderr()
     runs = json.loads(status.stdout())
-    late = launcher.start(*_args(tmp_path, 2, ["--initial-peers", bootstrap]), name="peer2")
+    second_maddr = second.bootstrap()  # any live peer can be a bootstrap; give the joiner both
+    late = launcher.start(
+        *_args(tmp_path, 2, ["--initial-peers", bootstrap, "--initial-peers", second_maddr]), name="peer2"
+    )
     codes = [p.wait(timeout=240) for p in (first, second, late)]
 
     # Assert: status listed the two training peers of run "tiny" with their progress.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ __all__ = ["Discovery", "peers_key", "runs_key", "start_dht", "read_peers"]
 logger = logging.getLogger(__name__)
 
 RUNS_KEY = "p2pfed.runs"
-_BOOTSTRAP_ATTEMPTS = 5
+_BOOTSTRAP_RETRY_S = 18.0  # keeps an unreachable address's one-line error well under 30 s
 
 
 def runs_key() -> str:
@@ -55,8 +56,9 @@ def start_dht(
     if announce_maddrs:
         kwargs["announce_maddrs"] = list(announce_maddrs)
     # A daemon that cannot dial its bootstrap peers exits at once; under load a live peer can miss that first
-    # dial, so try a few times (about 10 s in all) before calling the address unreachable.
-    for attempt in range(_BOOTSTRAP_ATTEMPTS):
+    # dial, so keep trying for a while before calling the address unreachable.
+    give_up = time.monotonic() + _BOOTSTRAP_RETRY_S
+    for attempt in itertools.count():
         try:
             return hivemind.DHT(
                 initial_peers=list(initial_peers),
@@ -74,12 +76,18 @@ def start_dht(
             detail = detail.split(" ", 2)[-1] if detail[:4].isdigit() else detail  # drop the daemon's timestamp
             if not (initial_peers and "bootstrap" in detail):
                 raise UserError(f"the libp2p daemon failed to start: {detail}") from None
-            if attempt + 1 == _BOOTSTRAP_ATTEMPTS:
+            if time.monotonic() + 1.0 + attempt > give_up:
                 peers = ", ".join(initial_peers)
                 raise UserError(f"could not reach any of --initial-peers {peers}: {detail}") from None
+            logger.debug("bootstrap dial failed (%s); retrying", detail)
             time.sleep(1.0 + attempt)
         except (RuntimeError, TimeoutError) as e:
-            raise UserError(f"could not join the swarm via {', '.join(initial_peers) or listen}: {e}") from None
+            # the daemon connected, but no bootstrap node's DHT answered its ping in time: busy, or not a p2pfed peer
+            if time.monotonic() + 1.0 + attempt > give_up:
+                peers = ", ".join(initial_peers) or listen
+                raise UserError(f"could not join the swarm via {peers}: {str(e).splitlines()[0]}") from None
+            logger.debug("DHT bootstrap failed (%s); retrying", e)
+            time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
 
 
