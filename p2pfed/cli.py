@@ -246,6 +246,17 @@ def bench() -> None:
     """Benchmarks that print ours / reference ratios measured in one run."""
 
 
+@bench.command(
+    "wan", context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+)
+@click.pass_context
+def bench_wan(ctx: click.Context) -> None:
+    """Peers in network namespaces behind rate-limited links (needs root); `p2pfed bench wan --help` for options."""
+    from p2pfed.bench.wan import main as wan_main
+
+    sys.exit(wan_main(list(ctx.args)))
+
+
 @bench.command("allreduce")
 @click.option("--peers", "n_peers", type=click.IntRange(min=2, max=16), default=3, show_default=True)
 @click.option("--numel", type=click.IntRange(min=1), default=25_000_000, show_default=True, help="fp32 elements")

@@ -333,8 +333,10 @@ class Peer:
                     await self.trainer.ask(DiscardInner(), timeout=eval_timeout)
                 self.stats["failures"][rnd.reason.split(":")[0]] += 1
                 logger.warning("round failed (%s); step skipped", rnd.reason)
-                others = [p for p in await self._others() if not p.finished]
-                ahead = max([p.step for p in others] + [rnd.max_group_step])
+                everyone = await self._others()
+                others = [p for p in everyone if not p.finished]
+                # finished peers count too: one that committed the last round without us lingers to share its state
+                ahead = max([p.step for p in everyone] + [rnd.max_group_step])
                 if rnd.diverged:  # this peer applied an update the others did not: take the majority's state
                     self.averager.set_state_priority(self.trainer.step - 0.5)  # nobody should copy us meanwhile
                     await self.overlap.drop()
@@ -370,12 +372,25 @@ class Peer:
                     rounds_failed=self.stats["rounds_failed"],
                 )
             )
+        if not self.sup.stop_requested.is_set():
+            await self._linger()
         if overlap and not self.sup.stop_requested.is_set():
             last = await self.overlap.settle()
             if last is not None:
                 self.stats["rounds_ok" if last.group_size > 1 else "rounds_solo"] += int(last.committed)
                 self.stats["rounds_failed"] += int(not last.committed)
         return await self._finish(t_start, initial_eval, initial_loss, final_loss, eval_timeout)
+
+    async def _linger(self) -> None:
+        """Before leaving, wait (at most averaging.timeout) while a live peer is behind: if it missed the last round
+        that we committed, it can still download our state instead of ending with different parameters."""
+        deadline = time.monotonic() + self.cfg.averaging.timeout
+        while time.monotonic() < deadline:
+            behind = [p for p in await self._others() if not p.finished and p.step < self.trainer.step]
+            if not behind:
+                return
+            if await self._until_stop(asyncio.sleep(0.5, result=True)) is None:
+                return
 
     async def _finish(
         self,
