@@ -165,7 +165,8 @@ class Peer:
             await self.sup.start()
             self.peer_id = self.discovery.peer_id
             self.ctx.peer = self.peer_id[-6:]
-            maddrs = self.discovery.visible_maddrs()
+            # listening on every interface (/ip4/0.0.0.0/...): show an address another machine can dial first
+            maddrs = sorted(self.discovery.visible_maddrs(), key=lambda m: m.startswith(("/ip4/127.", "/ip6/::1/")))
             self.monitor.tell(
                 Event("bootstrap", f"bootstrap: {maddrs[0]}", {"maddrs": maddrs, "peer_id": self.peer_id})
             )
