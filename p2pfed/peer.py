@@ -83,6 +83,7 @@ class Peer:
         self.max_steps = options.max_steps or cfg.training.max_steps
         self.ctx = options.context
         self.samples_per_s = 0.0
+        self._last_loss: float | None = None
         self.start_step: int | None = None
         # (when last read, unfinished peers, ready peers), see _swarm_size
         self._swarm_checked: tuple[float, int, int] = (0.0, cfg.swarm.min_peers, cfg.swarm.min_peers)
@@ -360,6 +361,7 @@ class Peer:
                         break
             if self.trainer.step // t.eval_every != step // t.eval_every:
                 eval_loss = await self.trainer.ask(Evaluate(), timeout=eval_timeout)
+            self._last_loss = final_loss
             self.discovery.tell(Announce(self._record(loss=final_loss)))
             self.monitor.tell(
                 Progress(
@@ -385,6 +387,8 @@ class Peer:
     async def _linger(self) -> None:
         """Before leaving, wait (at most averaging.timeout) while a live peer is behind: if it missed the last round
         that we committed, it can still download our state instead of ending with different parameters."""
+        # Publish our final step at once: a peer that missed the last round decides to catch up from it.
+        self.discovery.tell(Announce(self._record(loss=self._last_loss), now=True))
         deadline = time.monotonic() + self.cfg.averaging.timeout
         while time.monotonic() < deadline:
             behind = [p for p in await self._others() if not p.finished and p.step < self.trainer.step]

@@ -108,12 +108,14 @@ class Averager(Actor):
         t0 = time.perf_counter()
         wait_s = a.matchmaking_time if msg.wait_s is None else msg.wait_s
         gossip = a.mode == "gossip"
+        assert wait_s < a.round_timeout  # config validation guarantees it
         control = self.avg.step(
             scheduled_time=get_dht_time() + wait_s,
             weight=float(msg.weight),
             gather={"step": msg.step, "fingerprint": msg.fingerprint, "cloud": self.cloud},
-            # gossip: a peer that finds no partner soon trains on instead of waiting out the round
-            timeout=2 * wait_s + a.request_timeout if gossip else a.round_timeout,
+            # Give up finding a group soon after the wait: the peer then re-reads the swarm (it may be behind, or
+            # alone) instead of retrying matchmaking for the whole round_timeout; gossip simply trains on.
+            timeout=min(2 * wait_s + a.request_timeout, a.round_timeout),
             allow_retries=True,
             wait=False,
         )

@@ -207,7 +207,7 @@ class Discovery(Actor):
         """Replace this peer's record; stored now if it is the first or its state changed, else with the next
         periodic announcement."""
         old, self._record = self._record, msg.record
-        if old is None or (old.ready, old.finished) != (msg.record.ready, msg.record.finished):
+        if msg.now or old is None or (old.ready, old.finished) != (msg.record.ready, msg.record.finished):
             try:
                 await self._store(timeout=3.0 if msg.record.finished else None)
             except Exception as e:  # the periodic announcement retries; a finished peer's record expires anyway

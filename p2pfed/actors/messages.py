@@ -53,6 +53,7 @@ class PeerRecord:
 @dataclass(frozen=True)
 class Announce:
     record: PeerRecord
+    now: bool = False  # store at once rather than with the next periodic announcement
 
 
 @dataclass(frozen=True)
