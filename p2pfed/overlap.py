@@ -42,12 +42,9 @@ class OverlappedRounds:
         rnd: RoundResult | None = RoundResult(committed=True, group_size=0)
         averaged = None
         if self.pending is not None:
-            prev_delta, task = self.pending
-            self.pending = None
-            rnd = await self._until_stop(task)
+            averaged, rnd = await self._collect()
             if rnd is None:
                 return None
-            averaged = prev_delta if rnd.committed else None
         await self.trainer.ask(ApplyOuter(step, inner, averaged, carry=delta), timeout=600.0)
         if alone:  # nobody to average with: the phase's own change is the "average"
             solo: asyncio.Future[RoundResult] = asyncio.get_running_loop().create_future()
@@ -68,18 +65,22 @@ class OverlappedRounds:
         """End of the run: wait for the last round and land on the shared point (nothing carried)."""
         if self.pending is None:
             return None
-        prev_delta, task = self.pending
-        self.pending = None
-        rnd = await self._until_stop(task)
+        averaged, rnd = await self._collect()
         if rnd is None:
             return None
-        averaged = prev_delta if rnd.committed else None
         await self.trainer.ask(ApplyOuter(self.trainer.step, 0, averaged, carry=None), timeout=600.0)
         return rnd
 
     async def drop(self) -> None:
         """Before this peer's state is replaced with the swarm's: let the round in flight end and forget it."""
         if self.pending is not None:
-            _, task = self.pending
-            self.pending = None
-            await self._until_stop(task)
+            await self._collect()
+
+    async def _collect(self) -> tuple[torch.Tensor | None, RoundResult | None]:
+        """Wait for the round in flight and forget it: (the averaged pseudo-gradient if it committed, else None;
+        the round's result, or None if a stop came first)."""
+        assert self.pending is not None
+        delta, task = self.pending
+        self.pending = None
+        rnd = await self._until_stop(task)
+        return (delta if rnd is not None and rnd.committed else None), rnd
