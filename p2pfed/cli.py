@@ -246,15 +246,51 @@ def bench() -> None:
     """Benchmarks that print ours / reference ratios measured in one run."""
 
 
-@bench.command(
-    "wan", context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
-)
-@click.pass_context
-def bench_wan(ctx: click.Context) -> None:
-    """Peers in network namespaces behind rate-limited links (needs root); `p2pfed bench wan --help` for options."""
-    from p2pfed.bench.wan import main as wan_main
+@bench.command("wan")
+@_config_option
+@_set_option
+@click.option("--peers", "n_peers", type=click.IntRange(min=2, max=200), default=3, show_default=True)
+@click.option("--rate-mbit", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True,
+              help="each peer's link rate, each way")  # fmt: skip
+@click.option("--max-steps", type=click.IntRange(min=1), default=60, show_default=True)
+@click.option("--run-dir", type=click.Path(file_okay=False), help="logs, reports, params (default: a temp dir)")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True, help="stop after seconds")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@user_errors
+def bench_wan(
+    config_path: str,
+    overrides: tuple[str, ...],
+    n_peers: int,
+    rate_mbit: float,
+    max_steps: int,
+    run_dir: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Peers in network namespaces behind tbf rate-limited links (needs root; not part of the test suite)."""
+    import logging
 
-    sys.exit(wan_main(list(ctx.args)))
+    from p2pfed.bench.wan import WanOptions, run_wan
+
+    options = WanOptions(
+        config=config_path, peers=n_peers, rate_mbit=rate_mbit, max_steps=max_steps, overrides=list(overrides),
+        run_dir=run_dir, timeout=timeout,
+    )  # fmt: skip
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    res = run_wan(options)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        cols = "peer exit_code steps compute_s wall_s startup_s train_compute_s train_wall_s bytes_sent wire_s"
+        cols += " rounds_ok rounds_failed eval_loss"
+        click.echo("  ".join(cols.split()))
+        for r in res["peers"]:
+            cells = (f"{r[c]:.4g}" if isinstance(r.get(c), float) else f"{r.get(c)}" for c in cols.split())
+            click.echo("  ".join(cells))
+        for key in (k for k in res if k != "peers"):
+            click.echo(f"{key}: {res[key]}")
+    failed = res["interrupted"] or res["leftovers"] or any(r["exit_code"] != 0 for r in res["peers"])
+    sys.exit(130 if res["interrupted"] else int(bool(failed)))
 
 
 @bench.command("allreduce")

@@ -1,6 +1,6 @@
 """WAN emulation: N p2pfed peers, each in its own network namespace behind a rate-limited link. Needs root.
 
-    python -m p2pfed.bench.wan --peers 3 --rate-mbit 100 --config configs/tiny.yaml --max-steps 60 \
+    p2pfed bench wan --peers 3 --rate-mbit 100 --config configs/tiny.yaml --max-steps 60 \
         [--set KEY=VALUE ...] [--run-dir DIR] [--timeout S] [--json]
 
 What it builds, all named `p2pfed-<6 hex>-*` with a fresh random tag per run:
@@ -31,7 +31,6 @@ here runs under a timeout.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -51,7 +50,7 @@ from typing import IO, Any
 
 from p2pfed.errors import UserError
 
-__all__ = ["WanNet", "main", "run_wan", "tbf_burst_bytes"]
+__all__ = ["WanNet", "WanOptions", "run_wan", "tbf_burst_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +195,25 @@ def _group_members(pgids: set[int]) -> list[int]:
     return found
 
 
-def _start(net: WanNet, i: int, args: argparse.Namespace, run_dir: Path, bootstrap: str | None) -> _Peer:
+@dataclass(kw_only=True, slots=True)
+class WanOptions:
+    config: str
+    peers: int = 3
+    rate_mbit: float = 100.0  # each peer's link rate, each way
+    max_steps: int = 60
+    overrides: list[str] = field(default_factory=list)
+    run_dir: str | None = None  # logs, reports and parameters; default: a new temporary directory
+    timeout: float = 600.0  # stop the peers after this many seconds
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.peers <= 200 or self.rate_mbit <= 0 or self.max_steps < 1:
+            raise UserError("need 2 <= --peers <= 200, --rate-mbit > 0 and --max-steps >= 1")
+        if not Path(self.config).is_file():
+            raise UserError(f"--config {self.config}: no such file")
+        self.config = str(Path(self.config).resolve())
+
+
+def _start(net: WanNet, i: int, args: WanOptions, run_dir: Path, bootstrap: str | None) -> _Peer:
     n = args.peers
     cmd = ["ip", "netns", "exec", net.names[i], sys.executable, "-m", "p2pfed", "peer", "--config", args.config]
     cmd += ["--events", "jsonl", "--listen", f"/ip4/{net.address(i)}/tcp/0", "--max-steps", str(args.max_steps)]
@@ -255,7 +272,7 @@ def _peer_row(p: _Peer, run_dir: Path, rate_mbit: float) -> dict[str, Any]:
     return row
 
 
-def run_wan(args: argparse.Namespace) -> dict[str, Any]:
+def run_wan(args: WanOptions) -> dict[str, Any]:
     from p2pfed.report import max_param_divergence
 
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="p2pfed-wan-"))
@@ -313,45 +330,3 @@ def run_wan(args: argparse.Namespace) -> dict[str, Any]:
         "leftovers": left,
         "run_dir": str(run_dir),
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m p2pfed.bench.wan", description=__doc__.splitlines()[0])
-    ap.add_argument("--peers", type=int, default=3)
-    ap.add_argument("--rate-mbit", type=float, default=100.0, help="each peer's link rate, each way")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--max-steps", type=int, default=60)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--run-dir", help="logs, reports and parameters (default: a new temporary directory)")
-    ap.add_argument("--timeout", type=float, default=600.0, help="stop the peers after this many seconds")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-    args = ap.parse_args(argv)
-    if args.peers < 2 or args.peers > 200 or args.rate_mbit <= 0 or args.max_steps < 1:
-        print("error: need 2 <= --peers <= 200, --rate-mbit > 0 and --max-steps >= 1", file=sys.stderr)
-        return 2
-    if not Path(args.config).is_file():
-        print(f"error: --config {args.config}: no such file", file=sys.stderr)
-        return 2
-    args.config = str(Path(args.config).resolve())
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        res = run_wan(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(res))
-    else:
-        cols = "peer exit_code steps compute_s wall_s startup_s train_compute_s train_wall_s bytes_sent wire_s"
-        cols += " rounds_ok rounds_failed eval_loss"
-        print("  ".join(cols.split()))
-        for r in res["peers"]:
-            print("  ".join(f"{r.get(c)}" if not isinstance(r.get(c), float) else f"{r[c]:.4g}" for c in cols.split()))
-        for k in (k for k in res if k != "peers"):
-            print(f"{k}: {res[k]}")
-    failed = res["interrupted"] or res["leftovers"] or any(r["exit_code"] != 0 for r in res["peers"])
-    return 130 if res["interrupted"] else int(bool(failed))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
