@@ -355,7 +355,7 @@ class Peer:
                             f"no other live peer for {cfg.swarm.join_timeout:.0f}s; "
                             f"stopping at step {self.trainer.step}"
                         )
-                    finished = [p for p in await self._others() if p.finished]
+                    finished = [p for p in everyone if p.finished]
                     if finished and cfg.averaging.min_group_size > 1:
                         self.monitor.tell(Event("finished", "the rest of the swarm has finished; stopping"))
                         break
