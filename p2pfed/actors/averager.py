@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import InvalidStateError
+from dataclasses import replace
 from typing import Any
 
 import hivemind
@@ -147,23 +148,23 @@ class Averager(Actor):
             bytes_by_cloud=_by_cloud(outcome["sent_by_peer"], outcome["gathered"]),
         )
         if not outcome["complete"]:
-            return _replace(result, reason="incomplete all-reduce: a member dropped out mid-round")
+            return replace(result, reason="incomplete all-reduce: a member dropped out mid-round")
         if gossip:  # members may be at different steps and hold different parameters: that is what gossip averages
             with self.avg.get_tensors() as (buffer,):
                 msg.flat_grad.copy_(buffer)
-            return _replace(result, committed=True)
+            return replace(result, committed=True)
         if any(s != msg.step for s in steps):
-            return _replace(result, reason=f"group members were at different steps {sorted(steps)}")
+            return replace(result, reason=f"group members were at different steps {sorted(steps)}")
         outliers = _diverged_members(outcome["gathered"])
         if outliers:
             mine = self.dht.peer_id.to_base58() in outliers
-            return _replace(
+            return replace(
                 result, diverged=mine, reason=f"parameters of {len(outliers)} member(s) diverged from the group"
             )
         with self.avg.get_tensors() as (buffer,):
             msg.flat_grad.copy_(buffer)
         logger.debug("round of %d peers in %.3fs", len(steps), time.perf_counter() - t0)
-        return _replace(result, committed=True)
+        return replace(result, committed=True)
 
     async def on_SetGroupSize(self, msg: SetGroupSize) -> None:
         assert self.avg is not None
@@ -221,9 +222,3 @@ def _cancel(control: Any) -> None:
             control.cancel()
     except InvalidStateError:
         pass
-
-
-def _replace(result: RoundResult, **changes: Any) -> RoundResult:
-    from dataclasses import replace
-
-    return replace(result, **changes)
