@@ -1,36 +1,30 @@
-"""hivemind's butterfly all-reduce, made strict and measured.
+"""hivemind's matchmaking and state sharing, with p2pfed's own all-reduce (p2pfed/butterfly.py) and compressors.
 
-hivemind's AllReduceRunner tolerates failures by averaging over whoever is left, and keeps a peer's own values for a
-slice whose reducer vanished. p2pfed commits a round only when every contribution arrived, so `SwarmAverager` reports
-for each round whether it was complete, together with the protobuf bytes it sent and received (payload plus framing
-above libp2p), and the metadata each group member gathered. The averaged buffer is a scratch buffer: the trainer
-applies it only when the round is complete, so a failed round never touches the model.
+`SwarmAverager.step()` returns, for each round: the metadata each group member gathered, whether the round was
+complete (every member's part reduced and every averaged part back, in every all-reduce of the round), and the bytes
+it sent and received on the wire (payload plus framing), with bytes sent per remote peer. The averaged buffer is a
+scratch buffer, written only when the round is complete: the trainer applies it only then, so a failed round never
+touches the model. hivemind keeps its group matchmaking (leaders, group keys in the DHT) and state downloads.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
-import functools
 import multiprocessing as mp
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.group_info import GroupInfo
-from hivemind.compression import CompressionBase, Float16Compression, NoCompression, Uniform8BitQuantization
-from hivemind.p2p import P2PContext, PeerID
-from hivemind.proto import averaging_pb2
+from hivemind.compression import NoCompression
 
-__all__ = ["COMPRESSIONS", "SwarmAverager"]
+from p2pfed.butterfly import Butterfly, ButterflyStats
+from p2pfed.compression import Compressor, Fp32
+from p2pfed.hierarchy import Member, hierarchical_allreduce
+from p2pfed.reductions import Dense, Reduction, round_seed
 
-COMPRESSIONS: dict[str, Callable[[], CompressionBase]] = {
-    "none": NoCompression,
-    "fp16": Float16Compression,
-    "uint8": Uniform8BitQuantization,
-}
+__all__ = ["SwarmAverager"]
 
 
 class _ByteCounters:
@@ -40,69 +34,6 @@ class _ByteCounters:
         # Only the averager process writes them, from one event loop: no lock needed.
         self.sent: Any = mp.Value(ctypes.c_double, 0.0, lock=False)
         self.received: Any = mp.Value(ctypes.c_double, 0.0, lock=False)
-
-
-async def _count(stream: AsyncIterator[Any], add: Callable[[int], None]) -> AsyncIterator[Any]:
-    async for msg in stream:
-        add(msg.ByteSize())
-        yield msg
-
-
-class _CountingStub:
-    """Wraps a peer stub so that every averaging message in either direction is counted."""
-
-    def __init__(self, stub: Any, runner: _CountingRunner, peer: str) -> None:
-        self._stub, self._runner, self._peer = stub, runner, peer
-
-    async def rpc_aggregate_part(self, inputs: AsyncIterator[Any], *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        sent = functools.partial(self._runner.add_sent, peer=self._peer)
-        stream = await self._stub.rpc_aggregate_part(_count(inputs, sent), *args, **kwargs)
-        return _count(stream, self._runner.add_received)
-
-
-class _CountingRunner(AllReduceRunner):
-    def __init__(self, *, counters: _ByteCounters, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.counters = counters
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.sent_by_peer: dict[str, int] = {}
-        # A reducer's own result can be ready before its replies to the other peers have gone out; the round's
-        # byte count waits for those streams to end.
-        self._serving = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def add_sent(self, n: int, *, peer: str) -> None:
-        self.bytes_sent += n
-        self.sent_by_peer[peer] = self.sent_by_peer.get(peer, 0) + n
-        self.counters.sent.value += n
-
-    def add_received(self, n: int) -> None:
-        self.bytes_received += n
-        self.counters.received.value += n
-
-    def _get_peer_stub(self, peer: PeerID) -> Any:
-        return _CountingStub(super()._get_peer_stub(peer), self, peer.to_base58())
-
-    async def rpc_aggregate_part(
-        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
-    ) -> AsyncIterator[averaging_pb2.AveragingData]:
-        self._serving += 1
-        self.idle.clear()
-        try:
-            async for msg in super().rpc_aggregate_part(_count(stream, self.add_received), context):
-                self.add_sent(msg.ByteSize(), peer=context.remote_id.to_base58())
-                yield msg
-        finally:
-            self._serving -= 1
-            if self._serving == 0:
-                self.idle.set()
-
-    @property
-    def complete(self) -> bool:
-        """True when no sender was banned and no reducer failed: every slice averaged every member."""
-        return not self.banned_senders and self.tensor_part_container.failed_size == 0
 
 
 class SwarmAverager(DecentralizedAverager):
@@ -117,10 +48,18 @@ class SwarmAverager(DecentralizedAverager):
         dht: Any,
         *,
         state_fn: Callable[[], tuple[Any, Sequence[torch.Tensor]]] | None = None,
+        reduction: Reduction | None = None,
+        hierarchical: bool = False,
+        chunk_timeout: float = 10.0,
         **kwargs: Any,
     ) -> None:
         self._counters = _ByteCounters()
         self._state_fn = state_fn
+        self._reduction = reduction or Dense(Fp32())
+        self._chunk_timeout = chunk_timeout
+        self._hierarchical = hierarchical
+        self._butterfly: Butterfly | None = None  # made in the averager process, on its event loop
+        kwargs.setdefault("state_compression", NoCompression())
         super().__init__(averaged_tensors, dht, **kwargs)
 
     @property
@@ -142,50 +81,98 @@ class SwarmAverager(DecentralizedAverager):
         # fixed size it fails on any larger group ("Sample larger than population"), so let it follow the group.
         self._matchmaking.group_key_manager.target_group_size = None
 
+    def _get_butterfly(self) -> Butterfly:
+        if self._butterfly is None:
+            self._butterfly = Butterfly(self._p2p, name=f"{self.prefix}.part", chunk_timeout=self._chunk_timeout)
+        return self._butterfly
+
+    async def add_p2p_handlers(self, p2p: Any, *args: Any, **kwargs: Any) -> None:
+        await super().add_p2p_handlers(p2p, *args, **kwargs)
+        if p2p is self._p2p:  # this averager's own servicer, not hivemind's test harness replicas
+            await self._get_butterfly().serve()
+
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
-        self._last_runner: _CountingRunner | None = None
+        self._last_stats: ButterflyStats | None = None
         gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
-        runner = self._last_runner
-        if runner is not None:
-            try:
-                await asyncio.wait_for(runner.idle.wait(), timeout=self._allreduce_timeout or 30.0)
-            except asyncio.TimeoutError:
-                pass  # the result is in; a peer that stopped reading its replies only shortens the byte count
+        stats = self._last_stats
         return {
             "gathered": {peer.to_base58(): data for peer, data in gathered.items()},
-            "complete": runner is not None and runner.complete,
-            "bytes_sent": runner.bytes_sent if runner else 0,
-            "bytes_received": runner.bytes_received if runner else 0,
-            "sent_by_peer": dict(runner.sent_by_peer) if runner else {},
+            "complete": stats is not None and not stats.reason,
+            "reason": stats.reason if stats is not None else "no all-reduce ran",
+            "bytes_sent": stats.bytes_sent if stats else 0,
+            "bytes_received": stats.bytes_received if stats else 0,
+            "sent_by_peer": dict(stats.sent_by_peer) if stats else {},
         }
 
     async def _run_allreduce_inplace_(
         self, tensors: Sequence[torch.Tensor], group_info: GroupInfo, group_id: bytes | None = None, **kwargs: Any
     ) -> None:
         group_id = group_info.group_id if group_id is None else group_id
-        runner = _CountingRunner(
-            counters=self._counters,
-            p2p=self._p2p,
-            servicer_type=type(self),
-            prefix=self.prefix,
-            tensors=tensors,
-            group_id=group_id,
-            ordered_peer_ids=group_info.peer_ids,
-            **kwargs,
-        )
-        self._last_runner = runner
-        self._running_groups[group_id].set_result(runner)
-        async for tensor, update in _azip(tensors, runner):
-            tensor.add_(update)
+        self._running_groups[group_id].set_result(None)  # hivemind's bookkeeping: this group's all-reduce started
+        peers = list(group_info.peer_ids)
+        me = peers.index(self.peer_id)
+        shares = [float(f) for f in kwargs["peer_fractions"]]
+        weight = 1.0 if kwargs.get("weight") is None else float(kwargs["weight"])
+        butterfly = self._get_butterfly()
+        stats = ButterflyStats()
+        self._last_stats = stats
+
+        members = self._members(group_info, shares, weight) if self._hierarchical else None
+
+        async def allreduce(vector: torch.Tensor, codec: Compressor, phase: str) -> torch.Tensor | None:
+            tag, timeout = group_id + phase.encode(), self._allreduce_timeout or 60.0
+            if members is not None:
+                mean, phase_stats = await hierarchical_allreduce(
+                    butterfly,
+                    tag,
+                    members,
+                    me,
+                    vector.reshape(-1),
+                    codec=codec,
+                    round=round_seed(group_id),
+                    timeout=timeout,
+                )
+            else:
+                mean, phase_stats = await butterfly.allreduce(
+                    tag,
+                    peers,
+                    me,
+                    vector.reshape(-1),
+                    weight=weight,
+                    shares=shares,
+                    codec=codec,
+                    round=round_seed(group_id),
+                    timeout=timeout,
+                )
+            stats.bytes_sent += phase_stats.bytes_sent
+            stats.bytes_received += phase_stats.bytes_received
+            for peer, n in phase_stats.sent_by_peer.items():
+                stats.sent_by_peer[peer] = stats.sent_by_peer.get(peer, 0) + n
+            stats.reason = stats.reason or phase_stats.reason
+            return mean
+
+        (buffer,) = tensors
+        try:
+            mean = await self._reduction.run(buffer.reshape(-1), allreduce, round=round_seed(group_id))
+        finally:
+            self._counters.sent.value += stats.bytes_sent
+            self._counters.received.value += stats.bytes_received
+        if mean is None:
+            stats.reason = stats.reason or "the all-reduce failed"
+            return
+        buffer.reshape(-1).copy_(mean)
+
+    def _members(self, group_info: GroupInfo, shares: Sequence[float], weight: float) -> list[Member]:
+        """The group with each member's cloud label and weight, from the metadata every member gathered."""
+        members = []
+        for peer, blob, share in zip(group_info.peer_ids, group_info.gathered, shares, strict=True):
+            user = self.serializer.loads(self.serializer.loads(blob)[2])
+            info = user if isinstance(user, dict) else {}
+            members.append(Member(peer, str(info.get("cloud", "")), float(info.get("weight", weight)), float(share)))
+        return members
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Any]:
         if self._state_fn is None:
             return super().get_current_state()
         metadata, tensors = self._state_fn()
         return metadata, tensors, None
-
-
-async def _azip(tensors: Sequence[torch.Tensor], runner: AsyncIterator[torch.Tensor]) -> AsyncIterator[Any]:
-    it = iter(tensors)
-    async for update in runner:
-        yield next(it), update

@@ -293,11 +293,53 @@ def bench_wan(
     sys.exit(130 if res["interrupted"] else int(bool(failed)))
 
 
+@bench.command("comm")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default="configs/tiny-lowcomm.yaml",
+              show_default=True, help="our side's run; the baseline is the same with sync fp32 averaging")  # fmt: skip
+@_set_option
+@click.option("--peers", "n_peers", type=click.IntRange(min=2, max=16), default=3, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--run-dir", type=click.Path(file_okay=False), help="logs and reports (default: a temp dir)")
+@click.option("--timeout", type=click.FloatRange(min=1), default=1200.0, show_default=True, help="per swarm")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@user_errors
+def bench_comm(
+    config_path: str,
+    overrides: tuple[str, ...],
+    n_peers: int,
+    max_steps: int,
+    run_dir: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Bytes sent per trained token, and eval loss, vs synchronous fp32 gradient averaging every step."""
+    from p2pfed.bench.comm import run_comm
+
+    result = run_comm(
+        config=config_path, overrides=overrides, peers=n_peers, max_steps=max_steps, run_dir=run_dir,
+        timeout=timeout, say=lambda line: click.echo(line, err=True),
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(
+            f"bytes per token: {result['bytes_per_token']:.2f} (baseline {result['baseline_bytes_per_token']:.1f}), "
+            f"reduction {result['reduction']:.0f}x\n"
+            f"eval loss: {result['eval_loss']:.4f} (baseline {result['baseline_eval_loss']:.4f}), "
+            f"ratio {result['eval_loss_ratio']:.3f}"
+        )
+
+
 @bench.command("allreduce")
 @click.option("--peers", "n_peers", type=click.IntRange(min=2, max=16), default=3, show_default=True)
 @click.option("--numel", type=click.IntRange(min=1), default=25_000_000, show_default=True, help="fp32 elements")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="timed rounds (median)")
-@click.option("--compression", type=click.Choice(["none", "fp16", "uint8"]), default="none", show_default=True)
+@click.option(
+    "--compression",
+    type=click.Choice(["none", "fp16", "uint8", "randomk", "topk", "powersgd"]),
+    default="none",
+    show_default=True,
+)
 @click.option("--json", "as_json", is_flag=True, help="print JSON: p2pfed_s, gloo_s, ratio")
 @user_errors
 def bench_allreduce(n_peers: int, numel: int, rounds: int, compression: str, as_json: bool) -> None:
@@ -310,7 +352,7 @@ def bench_allreduce(n_peers: int, numel: int, rounds: int, compression: str, as_
     else:
         click.echo(
             f"{n_peers} peers, {numel:,} fp32 elements ({compression}), median of {rounds} rounds:\n"
-            f"  p2pfed (hivemind all-reduce over libp2p): {result['p2pfed_s']:.3f} s\n"
+            f"  p2pfed (butterfly over libp2p streams):  {result['p2pfed_s']:.3f} s\n"
             f"  torch.distributed gloo all_reduce:        {result['gloo_s']:.3f} s\n"
             f"  ratio p2pfed / gloo:                      {result['ratio']:.2f}x\n"
             f"  max |p2pfed - exact mean|:                {result['max_abs_error']:.2e}"

@@ -95,15 +95,30 @@ class TrainingConfig(_Section):
 
 
 class CompressionConfig(_Section):
-    name: Literal["none", "fp16", "uint8"] = Field("none", description="wire format of averaged tensors")
+    name: Literal["none", "fp16", "uint8", "randomk", "topk", "powersgd"] = Field(
+        "none",
+        description="how updates cross the wire: 'none' (fp32), 'fp16', 'uint8' (8-bit, per-chunk scale, stochastic "
+        "rounding), 'randomk' (shared-seed random coordinates), 'topk' (largest coordinates), 'powersgd' (low rank)",
+    )
+    ratio: float = Field(0.01, gt=0.0, le=1.0, description="randomk and topk: share of coordinates kept")
+    rank: int = Field(4, ge=1, description="powersgd: rank of the approximation")
+    error_feedback: bool = Field(
+        True, description="randomk, topk and powersgd: add what compression dropped to the next round's update"
+    )
+
+    @property
+    def sparse(self) -> bool:
+        """True for compressors that keep a small part of the update (fine for updates, ruinous for parameters)."""
+        return self.name in ("randomk", "topk", "powersgd")
 
 
 class AveragingConfig(_Section):
-    mode: Literal["sync", "diloco", "gossip"] = Field(
+    mode: Literal["sync", "diloco", "gossip", "hierarchical"] = Field(
         "sync",
         description="'sync': average gradients every step; 'diloco': inner_steps local AdamW steps, then average the "
         "pseudo-gradient and take an outer Nesterov step; 'gossip': inner_steps local steps, then average parameters "
-        "with whichever gossip_group_size peers are ready, no global barrier",
+        "with whichever gossip_group_size peers are ready, no global barrier; 'hierarchical': as sync, but peers "
+        "average inside their profile's cloud first, then one delegate per cloud across clouds, then back",
     )
     inner_steps: int = Field(50, ge=1, description="diloco and gossip: local steps per round (H)")
     gossip_group_size: int = Field(2, ge=2, description="gossip: peers per averaging group")
@@ -155,6 +170,15 @@ class Config(_Section):
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+
+    @model_validator(mode="after")
+    def _check_modes(self) -> Config:
+        if self.averaging.mode == "gossip" and self.compression.sparse:
+            raise ValueError(
+                f"compression.name {self.compression.name!r} keeps a small part of an update, and gossip averages "
+                "parameters: use none, fp16 or uint8 with averaging.mode gossip"
+            )
+        return self
 
     def group_size(self, ready_peers: int) -> int:
         """How many peers a round waits for: every ready peer, at least swarm.min_peers (the expected swarm size;

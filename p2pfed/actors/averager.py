@@ -8,6 +8,7 @@ copied back only on commit, so the trainer's gradient is never half-averaged.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import signal
 import time
@@ -22,8 +23,9 @@ from hivemind.utils import get_dht_time
 
 from p2pfed.actors.base import Actor
 from p2pfed.actors.messages import DownloadState, RoundResult, RunRound, SetGroupSize
-from p2pfed.allreduce import COMPRESSIONS, SwarmAverager
+from p2pfed.allreduce import SwarmAverager
 from p2pfed.config import Config
+from p2pfed.reductions import make_reduction
 
 __all__ = ["Averager"]
 
@@ -62,9 +64,9 @@ class Averager(Actor):
             min_matchmaking_time=a.matchmaking_time,
             request_timeout=a.request_timeout,
             allreduce_timeout=a.timeout,
-            next_chunk_timeout=a.timeout / 3,
-            compression=COMPRESSIONS[self.cfg.compression.name](),
-            state_compression=COMPRESSIONS["none"](),
+            reduction=make_reduction(self.cfg.compression, seed=self.cfg.run.seed, peer_seed=_peer_seed(self.dht)),
+            hierarchical=a.mode == "hierarchical",
+            chunk_timeout=a.timeout / 3,
             client_mode=self.client_mode,
             declare_state_period=self.cfg.swarm.record_ttl,
             shutdown_timeout=5,
@@ -113,7 +115,7 @@ class Averager(Actor):
         control = self.avg.step(
             scheduled_time=get_dht_time() + wait_s,
             weight=float(msg.weight),
-            gather={"step": msg.step, "fingerprint": msg.fingerprint, "cloud": self.cloud},
+            gather={"step": msg.step, "fingerprint": msg.fingerprint, "cloud": self.cloud, "weight": float(msg.weight)},
             # Give up finding a group soon after the wait: the peer then re-reads the swarm (it may be behind, or
             # alone) instead of retrying matchmaking for the whole round_timeout; gossip simply trains on.
             timeout=min(2 * wait_s + a.request_timeout, a.round_timeout),
@@ -148,7 +150,7 @@ class Averager(Actor):
             bytes_by_cloud=_by_cloud(outcome["sent_by_peer"], outcome["gathered"]),
         )
         if not outcome["complete"]:
-            return replace(result, reason="incomplete all-reduce: a member dropped out mid-round")
+            return replace(result, reason=f"incomplete all-reduce: {outcome['reason']}")
         if gossip:  # members may be at different steps and hold different parameters: that is what gossip averages
             with self.avg.get_tensors() as (buffer,):
                 msg.flat_grad.copy_(buffer)
@@ -213,6 +215,11 @@ def _by_cloud(sent_by_peer: dict[str, int], gathered: dict[str, Any]) -> dict[st
         cloud = str(data.get("cloud", "unknown")) if isinstance(data, dict) else "unknown"
         out[cloud] = out.get(cloud, 0) + n
     return out
+
+
+def _peer_seed(dht: hivemind.DHT) -> int:
+    """A seed of this peer's own (for rounding noise that is independent across peers), from its peer id."""
+    return int.from_bytes(hashlib.blake2b(dht.peer_id.to_bytes(), digest_size=4).digest(), "little")
 
 
 def _cancel(control: Any) -> None:

@@ -1,13 +1,14 @@
 """Time one p2pfed averaging round against a torch.distributed gloo all_reduce, both measured in the same run.
 
-    p2pfed bench allreduce --peers 3 --numel 25000000 --rounds 3 [--compression none|fp16|uint8] [--json]
+    p2pfed bench allreduce --peers 3 --numel 25000000 --rounds 3 [--compression NAME] [--json]
 
 N local processes each hold a different fp32 tensor of `numel` elements and average it, first with p2pfed, then with
 gloo, so both figures come from the same machine under the same load:
 
-- p2pfed: one `SwarmAverager.step()` (hivemind's butterfly all-reduce over libp2p, with the chosen compression), timed
-  from the call to its return. That includes matchmaking, because one training round pays for it too; all peers
-  start each round at a barrier, and the leader starts the all-reduce as soon as the group is full, so it is short.
+- p2pfed: one `SwarmAverager.step()` (p2pfed's butterfly all-reduce over libp2p streams, with the chosen
+  compression: none, fp16, uint8, randomk, topk or powersgd), timed from the call to its return. That includes
+  matchmaking, because one training round pays for it too; all peers start each round at a barrier, and the leader
+  starts the all-reduce as soon as the group is full, so it is short.
 - gloo: `all_reduce(SUM)` and the division by N, over TCP on loopback.
 
 A round takes as long as its slowest peer; each figure is the median over `rounds` timed rounds, after one untimed
@@ -28,7 +29,6 @@ import statistics
 import time
 import traceback
 import uuid
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from datetime import timedelta
@@ -67,12 +67,12 @@ class _RoundFailed(RuntimeError):
 
 def run_bench(*, n_peers: int, numel: int, rounds: int, compression: str) -> dict[str, Any]:
     """Run both sides with `n_peers` local processes and return the medians, their ratio and the p2pfed error."""
-    from p2pfed.allreduce import COMPRESSIONS
+    from p2pfed.compression import COMPRESSORS
 
     if n_peers < 2 or numel < 1 or rounds < 1:
         raise UserError(f"need at least 2 peers, 1 element and 1 round, got {n_peers}, {numel} and {rounds}")
-    if compression not in COMPRESSIONS:
-        raise UserError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    if compression not in COMPRESSORS:
+        raise UserError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSORS)}")
     ctx = mp.get_context("spawn")  # fork would copy this process's threads and torch state into every peer
 
     # Unique per run, so that this run's group key can never match another bench's or a training run's peers.
@@ -257,9 +257,6 @@ def _child_setup() -> None:
 
     use_hivemind_log_handler("nowhere")
     logging.getLogger("hivemind").setLevel(logging.CRITICAL)
-    # hivemind's uint8 compression calls torch.quantize_per_tensor, which warns of its deprecation once per process:
-    # three copies of a warning about hivemind's internals would bury the bench's result.
-    warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
 
 
 def _ignore_sigterm() -> None:
@@ -327,7 +324,9 @@ def _p2pfed_rounds(
     barrier: Barrier,
 ) -> Result:
     from p2pfed.actors.discovery import start_dht
-    from p2pfed.allreduce import COMPRESSIONS, SwarmAverager
+    from p2pfed.allreduce import SwarmAverager
+    from p2pfed.config import CompressionConfig
+    from p2pfed.reductions import make_reduction
 
     original = _peer_tensor(rank, numel)
     expected = _exact_mean(n_peers, numel)
@@ -353,8 +352,13 @@ def _p2pfed_rounds(
             min_matchmaking_time=MATCHMAKING_TIME,
             request_timeout=REQUEST_TIMEOUT,
             allreduce_timeout=ALLREDUCE_TIMEOUT,
-            next_chunk_timeout=NEXT_CHUNK_TIMEOUT,
-            compression=COMPRESSIONS[compression](),
+            chunk_timeout=NEXT_CHUNK_TIMEOUT,
+            # Error feedback off: every round averages the same inputs, and a residual would change them.
+            reduction=make_reduction(
+                CompressionConfig(name=compression, error_feedback=False),
+                seed=0,
+                peer_seed=rank,  # type: ignore[arg-type]
+            ),
             shutdown_timeout=5,
             start=False,
         )

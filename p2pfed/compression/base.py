@@ -32,7 +32,7 @@ class Payload:
     `header` holds a few layout ints (e.g. kept count, matrix shape) so a receiver can reject a payload from a peer
     configured differently instead of misreading it."""
 
-    data: bytes
+    data: bytes | bytearray
     header: tuple[int, ...] = ()
 
     HEADER_ITEM_BYTES: ClassVar[int] = 4  # header ints go on the wire as int32

@@ -29,7 +29,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from p2pfed.compression.base import Compressor, Payload, check_int, check_round, flat32, pack, seeded_generator, unpack
+from p2pfed.compression.base import (
+    Compressor,
+    Payload,
+    check_flag,
+    check_int,
+    check_round,
+    flat32,
+    pack,
+    seeded_generator,
+    unpack,
+)
 
 __all__ = ["PowerSGD"]
 
@@ -41,15 +51,19 @@ def orthonormal(p: torch.Tensor) -> torch.Tensor:
 
 @dataclass(kw_only=True)
 class PowerSGD(Compressor):
-    """Options: rank (r, the number of power-iteration vectors), seed (shared by the group: the first Q)."""
+    """Options: rank (r, the number of power-iteration vectors), seed (shared by the group: the first Q), warm_start
+    (Q from the round before; off, every round draws a fresh Q from (seed, round), so a peer that missed a round
+    still projects onto the same basis as the rest of its group)."""
 
     rank: int = 4
     seed: int = 0
+    warm_start: bool = True
     warm_q: torch.Tensor | None = field(default=None, init=False, repr=False)  # (cols, r), last round's Q
 
     def __post_init__(self) -> None:
         check_int("rank", self.rank, minimum=1)
         check_int("seed", self.seed, minimum=0)
+        check_flag("warm_start", self.warm_start)
 
     def shape(self, numel: int) -> tuple[int, int, int]:
         """(rows, cols, r) for a vector of numel elements: near-square, r capped by the matrix's own size."""
@@ -61,7 +75,7 @@ class PowerSGD(Compressor):
         check_round(round)
         rows, cols, r = self.shape(x.numel())
         m = self._matrix(flat32(x))  # (rows, cols)
-        p_hat = orthonormal(m @ self._q(cols, r))  # (rows, r)
+        p_hat = orthonormal(m @ self._q(cols, r, round))  # (rows, r)
         q = m.T @ p_hat  # (cols, r)
         self.warm_q = q
         return Payload(pack(p_hat, q), header=(rows, cols, r))
@@ -77,7 +91,7 @@ class PowerSGD(Compressor):
         """Phase one: this peer's P = M Q, (rows, r), for the group to average."""
         check_round(round)
         m = self._matrix(flat32(x))  # (rows, cols)
-        return m @ self._q(m.shape[1], self.shape(x.numel())[2])
+        return m @ self._q(m.shape[1], self.shape(x.numel())[2], round)
 
     def local_q(self, x: torch.Tensor, p_mean: torch.Tensor) -> torch.Tensor:
         """Phase two: this peer's Q = Mᵀ P̂, (cols, r), with P̂ from the group's mean P, for the group to average."""
@@ -92,7 +106,9 @@ class PowerSGD(Compressor):
         rows, cols, _ = self.shape(flat.numel())
         return torch.nn.functional.pad(flat, (0, rows * cols - flat.numel())).view(rows, cols)
 
-    def _q(self, cols: int, r: int) -> torch.Tensor:
+    def _q(self, cols: int, r: int, round: int) -> torch.Tensor:
+        if not self.warm_start:
+            return torch.randn(cols, r, generator=seeded_generator(self.seed, round, "powersgd"))
         q = self.warm_q
         # A new shape, or an all-zero update (which leaves Q = 0 and P = 0 for good), starts over from the seed.
         if q is None or q.shape != (cols, r) or not bool(q.any()):

@@ -1,0 +1,252 @@
+"""p2pfed's all-reduce over real libp2p daemons on loopback (one p2pd per member, in this test's process), checked
+against plain-torch means: every compressor's reduction, uneven and client-mode shares, and a member that never
+shows up (everyone else gets None and their vectors stay as they were).
+
+.venv/bin/python -m pytest -q tests/test_butterfly.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+import torch
+from hivemind.p2p import P2P
+from torch.testing import assert_close
+
+from p2pfed.butterfly import Butterfly, split_sizes
+from p2pfed.compression import Compressor, Fp16, Fp32, PowerSGD, RandomK, Uint8
+from p2pfed.config import CompressionConfig
+from p2pfed.reductions import Reduction, make_reduction
+
+LISTEN = ["/ip4/127.0.0.1/tcp/0"]
+TIMEOUT = 30.0
+
+
+async def _swarm(n: int) -> list[P2P]:
+    first = await P2P.create(host_maddrs=LISTEN, nat_port_map=False, auto_nat=False)
+    maddrs = await first.get_visible_maddrs()
+    rest = [
+        await P2P.create(initial_peers=maddrs, host_maddrs=LISTEN, nat_port_map=False, auto_nat=False)
+        for _ in range(n - 1)
+    ]
+    return [first, *rest]
+
+
+@contextlib.asynccontextmanager
+async def _members(n: int) -> AsyncIterator[list[Butterfly]]:
+    p2ps = await _swarm(n)
+    try:
+        butterflies = [Butterfly(p2p, name="test.part", chunk_timeout=5.0) for p2p in p2ps]
+        for b in butterflies:
+            await b.serve()
+        yield butterflies
+    finally:
+        for p2p in p2ps:
+            await p2p.shutdown()
+
+
+def _run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+async def _allreduce_all(
+    butterflies: Sequence[Butterfly],
+    vectors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    shares: Sequence[float],
+    codec: Compressor,
+    *,
+    tag: bytes = b"group-1",
+    absent: Sequence[int] = (),
+) -> list[torch.Tensor | None]:
+    peers = [b.p2p.peer_id for b in butterflies]
+    calls = [
+        b.allreduce(tag, peers, i, v, weight=w, shares=shares, codec=codec, round=7, timeout=TIMEOUT)
+        for i, (b, v, w) in enumerate(zip(butterflies, vectors, weights, strict=True))
+        if i not in absent
+    ]
+    return [mean for mean, _ in await asyncio.gather(*calls)]
+
+
+def _vectors(n: int, numel: int) -> list[torch.Tensor]:
+    return [torch.randn(numel, generator=torch.Generator().manual_seed(i)) for i in range(n)]
+
+
+def _weighted_mean(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    total = sum(w * v.double() for v, w in zip(vectors, weights, strict=True))
+    return (total / sum(weights)).float()  # type: ignore[union-attr]
+
+
+def test_split_sizes_follow_shares_and_cover_the_vector() -> None:
+    assert sorted(split_sizes(10, [1, 1, 1])) == [3, 3, 4]
+    assert split_sizes(10, [1, 0, 1]) == [5, 0, 5]
+    assert sum(split_sizes(1_000_003, [0.2, 0.3, 0.5])) == 1_000_003
+    with pytest.raises(ValueError, match="at least one member"):
+        split_sizes(10, [0, 0])
+
+
+@pytest.mark.parametrize(
+    ("codec", "atol"),
+    [(Fp32(), 1e-6), (Fp16(), 2e-3), (Uint8(seed=1), 0.1)],
+    ids=["fp32", "fp16", "uint8"],
+)
+def test_dense_allreduce_of_three_members_is_the_weighted_mean_on_every_member(codec: Compressor, atol: float) -> None:
+    async def main() -> None:
+        async with _members(3) as butterflies:
+            vectors, weights = _vectors(3, 100_003), [8.0, 4.0, 12.0]
+            results = await _allreduce_all(butterflies, vectors, weights, [1, 2, 1], codec)
+            expected = _weighted_mean(vectors, weights)
+            for mean in results:
+                assert mean is not None
+                assert_close(mean, expected, atol=atol, rtol=0)
+            for mean in results[1:]:  # every member decodes the same replies, so all hold identical values
+                assert torch.equal(mean, results[0])  # type: ignore[arg-type]
+
+    _run(main())
+
+
+def test_a_client_mode_member_reduces_nothing_but_gets_the_mean() -> None:
+    async def main() -> None:
+        async with _members(3) as butterflies:
+            vectors, weights = _vectors(3, 5_000), [1.0, 1.0, 1.0]
+            results = await _allreduce_all(butterflies, vectors, weights, [1, 1, 0], Fp32())
+            for mean in results:
+                assert_close(mean, _weighted_mean(vectors, weights), atol=1e-6, rtol=0)
+
+    _run(main())
+
+
+def test_a_member_that_never_shows_up_fails_the_round_for_everyone_and_writes_nothing() -> None:
+    async def main() -> None:
+        async with _members(3) as butterflies:
+            vectors = _vectors(3, 10_000)
+            before = [v.clone() for v in vectors]
+            results = await _allreduce_all(butterflies, vectors, [1.0] * 3, [1, 1, 1], Fp32(), absent=[2])
+            assert results == [None, None]
+            for v, b in zip(vectors, before, strict=True):
+                assert torch.equal(v, b)
+            # The same members average fine in the next round: nothing of the failed one lingers.
+            results = await _allreduce_all(butterflies, vectors, [1.0] * 3, [1, 1, 1], Fp32(), tag=b"group-2")
+            for mean in results:
+                assert_close(mean, _weighted_mean(vectors, [1.0] * 3), atol=1e-6, rtol=0)
+
+    _run(main())
+
+
+def _reference(name: str, vectors: Sequence[torch.Tensor], *, round: int) -> torch.Tensor:
+    """What the group should get, computed with plain torch from the compressor's own definition."""
+    numel = vectors[0].numel()
+    if name == "randomk":
+        chosen = RandomK(ratio=0.05, seed=3).indices(numel, round=round)
+        out = torch.zeros(numel)
+        out[chosen] = torch.stack([v[chosen] for v in vectors]).mean(0)
+        return out
+    if name == "topk":
+        kept = []
+        for v in vectors:
+            k = round_half(0.05 * numel)
+            mask = torch.zeros(numel, dtype=torch.bool)
+            mask[v.abs().topk(k).indices] = True
+            kept.append(torch.where(mask, v, 0.0))
+        return torch.stack(kept).mean(0)
+    assert name == "powersgd"
+    rows, cols, r = PowerSGD(rank=2).shape(numel)
+    q = torch.randn(cols, r, generator=_seeded(3, round))
+    ms = [torch.nn.functional.pad(v, (0, rows * cols - numel)).view(rows, cols) for v in vectors]
+    p_hat = torch.linalg.qr(torch.stack([m @ q for m in ms]).mean(0)).Q
+    q_mean = torch.stack([m.T @ p_hat for m in ms]).mean(0)
+    return (p_hat @ q_mean.T).reshape(-1)[:numel]
+
+
+def round_half(x: float) -> int:
+    return int(x + 0.5)
+
+
+def _seeded(seed: int, round: int) -> torch.Generator:
+    from p2pfed.compression.base import seeded_generator
+
+    return seeded_generator(seed, round, "powersgd")
+
+
+@pytest.mark.parametrize("name", ["randomk", "topk", "powersgd"])
+def test_compressed_reductions_match_their_plain_torch_definition(name: str) -> None:
+    async def main() -> None:
+        async with _members(3) as butterflies:
+            vectors = _vectors(3, 20_000)
+            cfg = CompressionConfig(name=name, ratio=0.05, rank=2, error_feedback=True)  # type: ignore[arg-type]
+            reductions = [make_reduction(cfg, seed=3, peer_seed=i) for i in range(3)]
+            peers = [b.p2p.peer_id for b in butterflies]
+
+            async def run(i: int, reduction: Reduction, round: int) -> torch.Tensor | None:
+                async def allreduce(vector: torch.Tensor, codec: Compressor, phase: str) -> torch.Tensor | None:
+                    tag = f"r{round}-{phase}".encode()
+                    mean, _ = await butterflies[i].allreduce(
+                        tag, peers, i, vector, weight=1.0, shares=[1, 1, 1], codec=codec, round=round, timeout=TIMEOUT
+                    )
+                    return mean
+
+                return await reduction.run(vectors[i], allreduce, round=round)
+
+            results = await asyncio.gather(*(run(i, r, 5) for i, r in enumerate(reductions)))
+            expected = _reference(name, vectors, round=5)
+            for mean in results:
+                assert_close(mean, expected, atol=1e-5, rtol=1e-4)
+            # Error feedback: each member keeps what its compression dropped this round...
+            residuals = [r.feedback.residual for r in reductions]  # type: ignore[attr-defined]
+            for v, residual in zip(vectors, residuals, strict=True):
+                assert residual is not None and residual.numel() == v.numel()
+                assert 0 < float(residual.norm()) < float(v.norm())
+            # ...and the next round compresses its update plus that residual.
+            second = await asyncio.gather(*(run(i, r, 6) for i, r in enumerate(reductions)))
+            corrected = [v + res for v, res in zip(vectors, residuals, strict=True)]
+            for mean in second:
+                assert_close(mean, _reference(name, corrected, round=6), atol=1e-5, rtol=1e-4)
+
+    _run(main())
+
+
+def test_topk_wire_form_is_sparse() -> None:
+    from p2pfed.compression.sparse import Sparse
+
+    x = torch.zeros(10_000)
+    x[[3, 500, 9_999]] = torch.tensor([1.0, -2.0, 3.0])
+    payload = Sparse().compress(x, round=0)
+    assert payload.nbytes < 40
+    assert torch.equal(Sparse().decompress(payload, numel=10_000, round=0), x)
+    dense = torch.randn(100)
+    assert torch.equal(Sparse().decompress(Sparse().compress(dense, round=0), numel=100, round=0), dense)
+
+
+def test_hierarchical_allreduce_is_the_flat_weighted_mean_and_only_delegates_cross_clouds() -> None:
+    from p2pfed.hierarchy import Member, delegates, hierarchical_allreduce
+
+    async def main() -> None:
+        async with _members(4) as butterflies:
+            clouds, weights = ["aws", "gcp", "aws", "gcp"], [8.0, 4.0, 12.0, 2.0]
+            shares = [1.0, 0.0, 1.0, 1.0]  # the first gcp member only dials out: the other one is gcp's delegate
+            members = [
+                Member(b.p2p.peer_id, c, w, s) for b, c, w, s in zip(butterflies, clouds, weights, shares, strict=True)
+            ]
+            assert delegates(members) == {"aws": 0, "gcp": 3}
+            vectors = _vectors(4, 30_001)
+            calls = [
+                hierarchical_allreduce(b, b"round-1", members, i, vectors[i], codec=Fp16(), round=1, timeout=TIMEOUT)
+                for i, b in enumerate(butterflies)
+            ]
+            results = await asyncio.gather(*calls)
+            expected = _weighted_mean(vectors, weights)
+            for mean, _ in results:
+                assert_close(mean, expected, atol=2e-3, rtol=0)  # fp16 on the cross-cloud leg only
+                assert torch.equal(mean, results[0][0])  # type: ignore[arg-type]
+            cloud_of = {m.peer.to_base58(): m.cloud for m in members}
+            for i, (_, stats) in enumerate(results):
+                remote = {cloud_of[p] for p in stats.sent_by_peer}
+                if i in (0, 3):  # delegates: their own cloud and the other one
+                    assert remote == {"aws", "gcp"}
+                else:  # everyone else talks only inside its cloud
+                    assert remote == {clouds[i]}
+
+    _run(main())
