@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing as mp
+import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,13 +20,15 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.compression import NoCompression
+from hivemind.p2p import PeerID
 
 from p2pfed.butterfly import Butterfly, ButterflyStats
 from p2pfed.compression import Compressor, Fp32
+from p2pfed.errors import UserError
 from p2pfed.hierarchy import Member, hierarchical_allreduce
 from p2pfed.reductions import Dense, Reduction, round_seed
 
-__all__ = ["SwarmAverager"]
+__all__ = ["SwarmAverager", "listen_tcp"]
 
 
 class _ByteCounters:
@@ -50,6 +54,7 @@ class SwarmAverager(DecentralizedAverager):
         state_fn: Callable[[], tuple[Any, Sequence[torch.Tensor]]] | None = None,
         reduction: Reduction | None = None,
         hierarchical: bool = False,
+        tcp_socket: socket.socket | None = None,
         chunk_timeout: float = 10.0,
         **kwargs: Any,
     ) -> None:
@@ -58,6 +63,7 @@ class SwarmAverager(DecentralizedAverager):
         self._reduction = reduction or Dense(Fp32())
         self._chunk_timeout = chunk_timeout
         self._hierarchical = hierarchical
+        self._tcp_socket = tcp_socket  # listening; inherited by the averager process, which accepts on it
         self._butterfly: Butterfly | None = None  # made in the averager process, on its event loop
         kwargs.setdefault("state_compression", NoCompression())
         super().__init__(averaged_tensors, dht, **kwargs)
@@ -90,6 +96,8 @@ class SwarmAverager(DecentralizedAverager):
         await super().add_p2p_handlers(p2p, *args, **kwargs)
         if p2p is self._p2p:  # this averager's own servicer, not hivemind's test harness replicas
             await self._get_butterfly().serve()
+            if self._tcp_socket is not None:
+                await self._get_butterfly().serve_tcp(self._tcp_socket)
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
         self._last_stats: ButterflyStats | None = None
@@ -99,6 +107,7 @@ class SwarmAverager(DecentralizedAverager):
             "gathered": {peer.to_base58(): data for peer, data in gathered.items()},
             "complete": stats is not None and not stats.reason,
             "reason": stats.reason if stats is not None else "no all-reduce ran",
+            "allreduce_s": stats.seconds if stats else 0.0,
             "bytes_sent": stats.bytes_sent if stats else 0,
             "bytes_received": stats.bytes_received if stats else 0,
             "sent_by_peer": dict(stats.sent_by_peer) if stats else {},
@@ -117,7 +126,9 @@ class SwarmAverager(DecentralizedAverager):
         stats = ButterflyStats()
         self._last_stats = stats
 
-        members = self._members(group_info, shares, weight) if self._hierarchical else None
+        gathered = self._gathered(group_info)
+        members = _members(group_info, gathered, shares, weight) if self._hierarchical else None
+        routes = _routes(group_info, gathered)
 
         async def allreduce(vector: torch.Tensor, codec: Compressor, phase: str) -> torch.Tensor | None:
             tag, timeout = group_id + phase.encode(), self._allreduce_timeout or 60.0
@@ -131,6 +142,7 @@ class SwarmAverager(DecentralizedAverager):
                     codec=codec,
                     round=round_seed(group_id),
                     timeout=timeout,
+                    routes=routes,
                 )
             else:
                 mean, phase_stats = await butterfly.allreduce(
@@ -143,6 +155,7 @@ class SwarmAverager(DecentralizedAverager):
                     codec=codec,
                     round=round_seed(group_id),
                     timeout=timeout,
+                    routes=routes,
                 )
             stats.bytes_sent += phase_stats.bytes_sent
             stats.bytes_received += phase_stats.bytes_received
@@ -152,9 +165,11 @@ class SwarmAverager(DecentralizedAverager):
             return mean
 
         (buffer,) = tensors
+        t0 = time.perf_counter()
         try:
             mean = await self._reduction.run(buffer.reshape(-1), allreduce, round=round_seed(group_id))
         finally:
+            stats.seconds = time.perf_counter() - t0
             self._counters.sent.value += stats.bytes_sent
             self._counters.received.value += stats.bytes_received
         if mean is None:
@@ -162,17 +177,61 @@ class SwarmAverager(DecentralizedAverager):
             return
         buffer.reshape(-1).copy_(mean)
 
-    def _members(self, group_info: GroupInfo, shares: Sequence[float], weight: float) -> list[Member]:
-        """The group with each member's cloud label and weight, from the metadata every member gathered."""
-        members = []
-        for peer, blob, share in zip(group_info.peer_ids, group_info.gathered, shares, strict=True):
+    def _gathered(self, group_info: GroupInfo) -> list[dict[str, Any]]:
+        """What each member passed as `gather` to step(), in group order ({} for a member that passed none)."""
+        out = []
+        for blob in group_info.gathered:
             user = self.serializer.loads(self.serializer.loads(blob)[2])
-            info = user if isinstance(user, dict) else {}
-            members.append(Member(peer, str(info.get("cloud", "")), float(info.get("weight", weight)), float(share)))
-        return members
+            out.append(user if isinstance(user, dict) else {})
+        return out
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Any]:
         if self._state_fn is None:
             return super().get_current_state()
         metadata, tensors = self._state_fn()
         return metadata, tensors, None
+
+
+def _members(
+    group_info: GroupInfo, gathered: Sequence[dict[str, Any]], shares: Sequence[float], weight: float
+) -> list[Member]:
+    """The group with each member's cloud label and weight (for hierarchical rounds)."""
+    return [
+        Member(peer, str(info.get("cloud", "")), float(info.get("weight", weight)), float(share))
+        for peer, info, share in zip(group_info.peer_ids, gathered, shares, strict=True)
+    ]
+
+
+def _routes(group_info: GroupInfo, gathered: Sequence[dict[str, Any]]) -> dict[PeerID, tuple[str, int]]:
+    """Direct TCP endpoints of the members that published one (averaging.transport=tcp)."""
+    routes = {}
+    for peer, info in zip(group_info.peer_ids, gathered, strict=True):
+        endpoint = info.get("tcp")
+        if isinstance(endpoint, list | tuple) and len(endpoint) == 2:
+            routes[peer] = (str(endpoint[0]), int(endpoint[1]))
+    return routes
+
+
+def listen_tcp(listen: str, port: int, dht: Any) -> tuple[socket.socket, tuple[str, int]]:
+    """A listening socket on the host of `swarm.listen`, and the (host, port) other members should dial: on a
+    wildcard address, the host of this peer's first announced non-loopback multiaddr."""
+    parts = listen.split("/")
+    if len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+        raise UserError(f"averaging.transport tcp needs swarm.listen on /ip4 or /ip6, got {listen!r}")
+    host = parts[2]
+    family = socket.AF_INET if parts[1] == "ip4" else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"averaging.tcp_port {port} on {host}: {e.strerror}") from None
+    sock.listen(64)
+    sock.setblocking(False)
+    announced = host
+    if host in ("0.0.0.0", "::"):
+        visible = [str(m).split("/") for m in dht.get_visible_maddrs()]
+        hosts = [m[2] for m in visible if len(m) > 2 and not m[2].startswith(("127.", "::1", "0.0.0.0"))]
+        announced = hosts[0] if hosts else "127.0.0.1"
+    return sock, (announced, int(sock.getsockname()[1]))

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,9 @@ from hivemind.p2p import P2P, PeerID
 
 from p2pfed.compression import Compressor, Payload
 
-__all__ = ["Butterfly", "ButterflyStats", "split_sizes"]
+__all__ = ["Butterfly", "ButterflyStats", "Routes", "split_sizes"]
+
+Routes = Mapping[PeerID, tuple[str, int]]  # members' direct TCP endpoints (host, port)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class ButterflyStats:
     bytes_received: int = 0
     sent_by_peer: dict[str, int] = field(default_factory=dict)
     reason: str = ""
+    seconds: float = 0.0  # wall time of the round's all-reduces (set by the averager)
 
     def add_sent(self, peer: str, n: int) -> None:
         self.bytes_sent += n
@@ -84,9 +88,16 @@ class _Slice:
     """The part this peer reduces in one all-reduce: the weighted sum so far, and the one reply every sender gets."""
 
     def __init__(
-        self, *, senders: int, codec: Compressor, round: int, stats: ButterflyStats, replies: int | None = None
+        self,
+        *,
+        peers: Sequence[PeerID],
+        senders: int,
+        codec: Compressor,
+        round: int,
+        stats: ButterflyStats,
+        replies: int | None = None,
     ) -> None:
-        self.senders, self.codec, self.round, self.stats = senders, codec, round, stats
+        self.peers, self.senders, self.codec, self.round, self.stats = peers, senders, codec, round, stats
         self.replies = senders - 1 if replies is None else replies  # streams that wait for this slice's mean
         self.total: torch.Tensor | None = None  # (part,) fp32, sum of weight * part
         self.weight = 0.0
@@ -124,9 +135,14 @@ class Butterfly:
     def __init__(self, p2p: P2P, *, name: str, chunk_timeout: float = 10.0) -> None:
         self.p2p, self.name, self.chunk_timeout = p2p, name, chunk_timeout
         self._slices: dict[bytes, asyncio.Future[_Slice]] = {}
+        self._tcp: asyncio.AbstractServer | None = None
 
     async def serve(self) -> None:
         await self.p2p.add_binary_stream_handler(self.name, self._handle)
+
+    async def serve_tcp(self, sock: socket.socket) -> None:
+        """Also accept parts on a listening TCP socket (averaging.transport=tcp): no libp2p daemon in the path."""
+        self._tcp = await asyncio.start_server(lambda r, w: self._handle(None, r, w), sock=sock)
 
     async def allreduce(
         self,
@@ -140,16 +156,18 @@ class Butterfly:
         codec: Compressor,
         round: int,
         timeout: float,
+        routes: Routes | None = None,
     ) -> tuple[torch.Tensor | None, ButterflyStats]:
         """The group's weighted mean of `vector` (flat fp32), or None with the reason in stats when any part failed.
 
         `tag` names this all-reduce on every member (group id plus a phase), `round` seeds the codec's randomness.
+        `routes` maps members to direct TCP endpoints; members without one are reached over libp2p.
         """
         stats = ButterflyStats()
         sizes = split_sizes(vector.numel(), shares)
         parts = list(vector.split(sizes))
         piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
-        mine = _Slice(senders=len(peers), codec=codec, round=round, stats=stats)
+        mine = _Slice(peers=peers, senders=len(peers), codec=codec, round=round, stats=stats)
         if sizes[me] > 0:
             if not piece.done():
                 piece.set_result(mine)
@@ -158,7 +176,9 @@ class Butterfly:
             mine.fail("this member reduces no part")
         try:
             exchanges = [
-                self._exchange(peers[j], tag, me, weight, parts[j], codec=codec, round=round, stats=stats)
+                self._exchange(
+                    peers[j], tag, me, weight, parts[j], codec=codec, round=round, stats=stats, routes=routes
+                )
                 if j != me and sizes[j] > 0
                 else self._own(mine, sizes[j])
                 for j in range(len(peers))
@@ -195,6 +215,7 @@ class Butterfly:
         codec: Compressor,
         round: int,
         timeout: float,
+        routes: Routes | None = None,
     ) -> tuple[torch.Tensor | None, ButterflyStats]:
         """The root's (numel,) vector on every member, through `codec` (the root decodes the same payload). The root
         passes its vector, the others None; a root that passes None fails the broadcast for everyone at once. Members
@@ -203,14 +224,15 @@ class Butterfly:
         if me != root:
             try:
                 pull = self._exchange(
-                    peers[root], tag, me, 0.0, None, codec=codec, round=round, stats=stats, numel=numel, wait=timeout
-                )
+                    peers[root], tag, me, 0.0, None, codec=codec, round=round, stats=stats, numel=numel, wait=timeout,
+                    routes=routes,
+                )  # fmt: skip
                 return await asyncio.wait_for(pull, timeout), stats
             except (_Failed, OSError, asyncio.TimeoutError) as e:
                 stats.reason = str(e) or f"no broadcast within {timeout:.0f}s"
                 return None, stats
         piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
-        mine = _Slice(senders=1, codec=codec, round=round, stats=stats, replies=len(peers) - 1)
+        mine = _Slice(peers=peers, senders=1, codec=codec, round=round, stats=stats, replies=len(peers) - 1)
         if vector is None:
             mine.fail("the broadcast's root has no result to send")
         else:
@@ -251,19 +273,18 @@ class Butterfly:
         stats: ButterflyStats,
         numel: int = 0,
         wait: float = 0.0,
+        routes: Routes | None = None,
     ) -> torch.Tensor:
         """Send `part` to the member that reduces it and read back the averaged part; with part None, read back the
         `numel` elements that member broadcasts."""
         remote = peer.to_base58()
         try:
-            _, reader, writer = await asyncio.wait_for(
-                self.p2p.call_binary_stream_handler(peer, self.name), self.chunk_timeout
-            )
+            reader, writer = await asyncio.wait_for(self._open(peer, routes), self.chunk_timeout)
         except Exception as e:
             raise _Failed(f"could not open a stream to {remote[-6:]}: {e!r}") from None
         try:
             if part is None:
-                request = _PULL + _U16.pack(len(tag)) + tag + _WAIT.pack(wait)
+                request = _PULL + _U16.pack(len(tag)) + tag + _REQUEST.pack(me, 0.0) + _WAIT.pack(wait)
                 writer.write(request)
                 await asyncio.wait_for(writer.drain(), self.chunk_timeout)
                 stats.add_sent(remote, len(request))
@@ -286,6 +307,13 @@ class Butterfly:
         finally:
             writer.close()
 
+    async def _open(self, peer: PeerID, routes: Routes | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        endpoint = routes.get(peer) if routes else None
+        if endpoint is not None:
+            return await asyncio.open_connection(*endpoint)
+        _, reader, writer = await self.p2p.call_binary_stream_handler(peer, self.name)
+        return reader, writer
+
     async def _handle(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one sender: read its part, add it to this peer's slice, reply with the slice's mean."""
         try:
@@ -295,9 +323,10 @@ class Butterfly:
             (tag_len,) = _U16.unpack(await self._read(reader, _U16.size))
             tag = await self._read(reader, tag_len)
             wait = self.chunk_timeout  # the sender may be ahead of this peer by up to the matchmaking lag
-            if kind == _MAGIC:
-                sender, weight = _REQUEST.unpack(await self._read(reader, _REQUEST.size))
-            else:  # a puller says how long it will wait: the root may first have a slow all-reduce of its own
+            sender, weight = _REQUEST.unpack(await self._read(reader, _REQUEST.size))
+            if (
+                kind == _PULL
+            ):  # a puller says how long it will wait: the root may first have a slow all-reduce of its own
                 (wait,) = _WAIT.unpack(await self._read(reader, _WAIT.size))
                 wait = min(max(wait, 0.0), _MAX_PULL_WAIT)
             piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
@@ -308,7 +337,7 @@ class Butterfly:
                     self._slices.pop(tag, None)
                 raise _Failed("this peer never started that all-reduce") from None
             if kind == _PULL:
-                mine.stats.bytes_received += 4 + _U16.size + tag_len + _WAIT.size
+                mine.stats.bytes_received += 4 + _U16.size + tag_len + _REQUEST.size + _WAIT.size
             else:
                 payload, n = await self._read_payload(reader)
                 mine.stats.bytes_received += 4 + _U16.size + tag_len + _REQUEST.size + n
@@ -326,7 +355,7 @@ class Butterfly:
             if mine.reply is None:
                 raise _Failed(mine.error)
             sent = await self._write(writer, b"\x00", mine.reply)
-            mine.stats.add_sent(info.peer_id.to_base58(), sent)
+            mine.stats.add_sent(mine.peers[sender].to_base58() if sender < len(mine.peers) else "?", sent)
             mine.replied += 1
             if mine.replied == mine.replies:
                 mine.all_replied.set()

@@ -22,6 +22,9 @@ import click
 
 from p2pfed.errors import UserError
 
+# compression.name's choices (p2pfed.config), repeated here so that `p2pfed --help` does not import torch
+COMPRESSION_NAMES = ("none", "fp16", "uint8", "randomk", "topk", "powersgd")
+
 __all__ = ["main"]
 
 EXIT_USER_ERROR = 2
@@ -330,33 +333,70 @@ def bench_comm(
         )
 
 
+@bench.command("link")
+@click.option("--peers", "n_peers", type=click.IntRange(min=2, max=16), default=3, show_default=True)
+@click.option("--rate-mbit", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True,
+              help="each peer's link rate, each way")  # fmt: skip
+@click.option("--numel", type=click.IntRange(min=1), default=5_000_000, show_default=True, help="fp32 elements")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="timed rounds (median)")
+@click.option("--compression", type=click.Choice(list(COMPRESSION_NAMES)), default="none", show_default=True)
+@click.option("--transport", type=click.Choice(["libp2p", "tcp"]), default="libp2p", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@user_errors
+def bench_link(
+    n_peers: int, rate_mbit: float, numel: int, rounds: int, compression: str, transport: str, as_json: bool
+) -> None:
+    """Share of a tbf-limited link's rate that one averaging round gets (needs root; not part of the tests)."""
+    import logging
+
+    from p2pfed.bench.link import run_link
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    result = run_link(
+        n_peers=n_peers, rate_mbit=rate_mbit, numel=numel, rounds=rounds, compression=compression,
+        transport=transport,
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for key, value in result.items():
+            click.echo(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    sys.exit(1 if result["leftovers"] else 0)
+
+
 @bench.command("allreduce")
 @click.option("--peers", "n_peers", type=click.IntRange(min=2, max=16), default=3, show_default=True)
 @click.option("--numel", type=click.IntRange(min=1), default=25_000_000, show_default=True, help="fp32 elements")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="timed rounds (median)")
 @click.option(
     "--compression",
-    type=click.Choice(["none", "fp16", "uint8", "randomk", "topk", "powersgd"]),
+    type=click.Choice(list(COMPRESSION_NAMES)),
     default="none",
     show_default=True,
 )
+@click.option("--transport", type=click.Choice(["libp2p", "tcp"]), default="libp2p", show_default=True,
+              help="how the averagers exchange parts (averaging.transport)")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print JSON: p2pfed_s, gloo_s, ratio")
 @user_errors
-def bench_allreduce(n_peers: int, numel: int, rounds: int, compression: str, as_json: bool) -> None:
+def bench_allreduce(n_peers: int, numel: int, rounds: int, compression: str, transport: str, as_json: bool) -> None:
     """Time one averaging round of an fp32 tensor across local peers vs torch.distributed gloo all_reduce."""
     from p2pfed.bench.allreduce import run_bench
 
-    result = run_bench(n_peers=n_peers, numel=numel, rounds=rounds, compression=compression)
+    result = run_bench(n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport)
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(
-            f"{n_peers} peers, {numel:,} fp32 elements ({compression}), median of {rounds} rounds:\n"
-            f"  p2pfed (butterfly over libp2p streams):  {result['p2pfed_s']:.3f} s\n"
-            f"  torch.distributed gloo all_reduce:        {result['gloo_s']:.3f} s\n"
-            f"  ratio p2pfed / gloo:                      {result['ratio']:.2f}x\n"
-            f"  max |p2pfed - exact mean|:                {result['max_abs_error']:.2e}"
-        )
+        rows = [
+            (f"p2pfed (butterfly over {transport}):", f"{result['p2pfed_s']:.3f} s"),
+            ("  of which the all-reduce itself:", f"{result['allreduce_s']:.3f} s"),
+            ("torch.distributed gloo all_reduce:", f"{result['gloo_s']:.3f} s"),
+            ("ratio p2pfed / gloo:", f"{result['ratio']:.2f}x"),
+            ("ratio all-reduce / gloo:", f"{result['allreduce_ratio']:.2f}x"),
+            ("max |p2pfed - exact mean|:", f"{result['max_abs_error']:.2e}"),
+        ]
+        click.echo(f"{n_peers} peers, {numel:,} fp32 elements ({compression}), median of {rounds} rounds:")
+        for label, value in rows:
+            click.echo(f"  {label:<40} {value}")
 
 
 if __name__ == "__main__":

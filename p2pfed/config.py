@@ -142,6 +142,13 @@ class AveragingConfig(_Section):
         None, ge=2, description="largest averaging group; default: every live peer of the run"
     )
     min_group_size: int = Field(2, ge=2, description="smallest group that may commit a round")
+    transport: Literal["libp2p", "tcp"] = Field(
+        "libp2p",
+        description="how averaging bytes travel: 'libp2p' (encrypted streams through the p2p daemon, reachable "
+        "behind NAT) or 'tcp' (direct unencrypted TCP between averagers, several times faster: for sites joined by "
+        "a private network or VPN); peers without a TCP endpoint are still reached over libp2p",
+    )
+    tcp_port: int = Field(0, ge=0, le=65535, description="transport tcp: port the averager listens on (0: any)")
 
     @model_validator(mode="after")
     def _check(self) -> AveragingConfig:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from hivemind.p2p import PeerID
 
-from p2pfed.butterfly import Butterfly, ButterflyStats
+from p2pfed.butterfly import Butterfly, ButterflyStats, Routes
 from p2pfed.compression import Compressor, Fp32
 
 __all__ = ["Member", "delegates", "hierarchical_allreduce"]
@@ -65,6 +65,7 @@ async def hierarchical_allreduce(
     codec: Compressor,
     round: int,
     timeout: float,
+    routes: Routes | None = None,
 ) -> tuple[torch.Tensor | None, ButterflyStats]:
     """The group's weighted mean of `vector`, reduced cloud by cloud; None (reason in stats) when a phase failed."""
     stats = ButterflyStats()
@@ -87,6 +88,7 @@ async def hierarchical_allreduce(
             codec=Fp32(),
             round=round,
             timeout=timeout,
+            routes=routes,
         )
         _add(stats, part)
 
@@ -104,6 +106,7 @@ async def hierarchical_allreduce(
             codec=codec,
             round=round,
             timeout=timeout,
+            routes=routes,
         )
         _add(stats, part)
 
@@ -119,6 +122,7 @@ async def hierarchical_allreduce(
             codec=Fp32(),
             round=round,
             timeout=timeout,
+            routes=routes,
         )
         _add(stats, part)
     if mean is None:

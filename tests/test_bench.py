@@ -13,17 +13,41 @@ from tests.conftest import Launcher, wait_no_leftovers
 pytestmark = pytest.mark.slow
 
 
-def test_bench_allreduce_json(launcher: Launcher, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["libp2p", "tcp"])
+def test_bench_allreduce_json(launcher: Launcher, tmp_path: Path, transport: str) -> None:
     bench = launcher.start(
-        "bench", "allreduce", "--peers", "2", "--numel", "100000", "--rounds", "2", "--json", name="bench"
-    )
+        "bench", "allreduce", "--peers", "2", "--numel", "100000", "--rounds", "2", "--transport", transport, "--json",
+        name="bench",
+    )  # fmt: skip
     assert bench.wait(timeout=240) == 0, bench.stderr()[-3000:]
 
     result = json.loads(bench.stdout().strip().splitlines()[-1])
     assert {"p2pfed_s", "gloo_s", "ratio"} <= set(result)
     assert result["p2pfed_s"] > 0 and result["gloo_s"] > 0
     assert result["ratio"] == pytest.approx(result["p2pfed_s"] / result["gloo_s"], rel=1e-6)
+    assert 0 < result["allreduce_s"] <= result["p2pfed_s"]  # the data path is part of the whole step
+    assert result["allreduce_ratio"] == pytest.approx(result["allreduce_s"] / result["gloo_s"], rel=1e-6)
     assert result["max_abs_error"] < 1e-5  # fp32 all-reduce of N(0,1) data: the exact mean up to rounding
     # butterfly all-reduce of 2 peers: each sends half its vector and returns half of its averaged slice
     assert result["bytes_sent_per_peer"] >= 4 * 100_000 * (2 - 1) / 2 * 2
+    assert wait_no_leftovers(launcher) == []
+
+
+def test_bench_comm_json(launcher: Launcher, tmp_path: Path) -> None:
+    # Execute: a short run of both sides, DiLoCo with uint8 pseudo-gradients every 5 steps against sync fp32.
+    bench = launcher.start(
+        "bench", "comm", "--peers", "2", "--max-steps", "10", "--run-dir", str(tmp_path / "comm"),
+        "--set", "averaging.inner_steps=5", "--set", "compression.name=uint8", "--json", name="bench",
+    )  # fmt: skip
+    assert bench.wait(timeout=300) == 0, bench.stderr()[-3000:]
+
+    # Assert: both sides trained the same tokens; the reduction is their bytes per token divided.
+    result = json.loads(bench.stdout().strip().splitlines()[-1])
+    keys = {"bytes_per_token", "baseline_bytes_per_token", "reduction", "eval_loss", "baseline_eval_loss"}
+    assert keys <= set(result)
+    assert result["ours"]["tokens_per_peer"] == result["baseline"]["tokens_per_peer"] == 10 * 8 * 64
+    assert result["reduction"] == pytest.approx(result["baseline_bytes_per_token"] / result["bytes_per_token"])
+    # One uint8 round per 5 steps against ten fp32 rounds: about 4 * 5 = 20x, less the per-chunk scales and framing.
+    assert 12 < result["reduction"] < 21
+    assert result["eval_loss"] > 0 and result["baseline_eval_loss"] > 0
     assert wait_no_leftovers(launcher) == []

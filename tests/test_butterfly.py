@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -104,6 +105,43 @@ def test_dense_allreduce_of_three_members_is_the_weighted_mean_on_every_member(c
                 assert_close(mean, expected, atol=atol, rtol=0)
             for mean in results[1:]:  # every member decodes the same replies, so all hold identical values
                 assert torch.equal(mean, results[0])  # type: ignore[arg-type]
+
+    _run(main())
+
+
+def test_direct_tcp_routes_give_the_same_mean_without_the_p2p_daemon() -> None:
+    async def main() -> None:
+        async with _members(3) as butterflies:
+            sockets, routes = [], {}
+            for b in butterflies:
+                sock = socket.create_server(("127.0.0.1", 0))
+                sock.setblocking(False)
+                await b.serve_tcp(sock)
+                sockets.append(sock)
+                routes[b.p2p.peer_id] = ("127.0.0.1", sock.getsockname()[1])
+            vectors, weights = _vectors(3, 100_003), [1.0, 2.0, 3.0]
+            peers = [b.p2p.peer_id for b in butterflies]
+            calls = [
+                b.allreduce(
+                    b"tcp-1",
+                    peers,
+                    i,
+                    v,
+                    weight=w,
+                    shares=[1, 1, 1],
+                    codec=Fp32(),
+                    round=1,
+                    timeout=TIMEOUT,
+                    routes=routes,
+                )  # fmt: skip
+                for i, (b, v, w) in enumerate(zip(butterflies, vectors, weights, strict=True))
+            ]
+            results = await asyncio.gather(*calls)
+            for mean, stats in results:
+                assert_close(mean, _weighted_mean(vectors, weights), atol=1e-6, rtol=0)
+                assert stats.bytes_sent > 2 * 4 * 100_003 * 2 // 3 - 100  # a third to each of two reducers, and back
+            for sock in sockets:
+                sock.close()
 
     _run(main())
 

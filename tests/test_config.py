@@ -368,3 +368,14 @@ def test_config_show_prints_the_resolved_config() -> None:
     shown = yaml.safe_load(result.output)
     assert shown["averaging"]["mode"] == "diloco"
     assert Config.model_validate(shown) == load_config(_ROOT / "configs" / "tiny.yaml", ["averaging.mode=diloco"])
+
+
+def test_cli_compression_choices_match_the_config_and_the_registry() -> None:
+    from typing import get_args
+
+    from p2pfed.cli import COMPRESSION_NAMES
+    from p2pfed.compression import COMPRESSORS
+    from p2pfed.config import CompressionConfig
+
+    assert COMPRESSION_NAMES == get_args(CompressionConfig.model_fields["name"].annotation)
+    assert set(COMPRESSION_NAMES) == set(COMPRESSORS)

@@ -23,7 +23,7 @@ from hivemind.utils import get_dht_time
 
 from p2pfed.actors.base import Actor
 from p2pfed.actors.messages import DownloadState, RoundResult, RunRound, SetGroupSize
-from p2pfed.allreduce import SwarmAverager
+from p2pfed.allreduce import SwarmAverager, listen_tcp
 from p2pfed.config import Config
 from p2pfed.reductions import make_reduction
 
@@ -51,9 +51,12 @@ class Averager(Actor):
         self.buffer = torch.zeros(numel, dtype=torch.float32)
         self.avg: SwarmAverager | None = None
         self._control: Any = None  # the hivemind StepControl of the round in flight
+        self.tcp_endpoint: list[Any] | None = None  # [host, port] of this averager's TCP listener
 
     async def on_start(self) -> None:
         a = self.cfg.averaging
+        tcp = listen_tcp(self.cfg.swarm.listen, a.tcp_port, self.dht) if a.transport == "tcp" else None
+        self.tcp_endpoint = list(tcp[1]) if tcp is not None else None
         self.avg = SwarmAverager(
             [self.buffer],
             self.dht,
@@ -66,6 +69,7 @@ class Averager(Actor):
             allreduce_timeout=a.timeout,
             reduction=make_reduction(self.cfg.compression, seed=self.cfg.run.seed, peer_seed=_peer_seed(self.dht)),
             hierarchical=a.mode == "hierarchical",
+            tcp_socket=tcp[0] if tcp is not None else None,
             chunk_timeout=a.timeout / 3,
             client_mode=self.client_mode,
             declare_state_period=self.cfg.swarm.record_ttl,
@@ -115,7 +119,13 @@ class Averager(Actor):
         control = self.avg.step(
             scheduled_time=get_dht_time() + wait_s,
             weight=float(msg.weight),
-            gather={"step": msg.step, "fingerprint": msg.fingerprint, "cloud": self.cloud, "weight": float(msg.weight)},
+            gather={
+                "step": msg.step,
+                "fingerprint": msg.fingerprint,
+                "cloud": self.cloud,
+                "weight": float(msg.weight),
+                "tcp": self.tcp_endpoint,
+            },
             # Give up finding a group soon after the wait: the peer then re-reads the swarm (it may be behind, or
             # alone) instead of retrying matchmaking for the whole round_timeout; gossip simply trains on.
             timeout=min(2 * wait_s + a.request_timeout, a.round_timeout),

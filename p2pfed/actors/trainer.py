@@ -82,7 +82,10 @@ class Trainer(Actor):
         # DiLoCo: the point all peers share (params move away from it during inner steps) and the outer optimizer.
         self.theta_start = [p.detach().clone() for p in self.params] if self.diloco else []
         a = self.cfg.averaging
-        self.outer_optimizer = torch.optim.SGD(self.params, lr=a.outer_lr, momentum=a.outer_momentum, nesterov=True)
+        # Nesterov needs momentum; outer_momentum 0 with outer_lr 1 is plain model averaging (local SGD, FedAvg).
+        self.outer_optimizer = torch.optim.SGD(
+            self.params, lr=a.outer_lr, momentum=a.outer_momentum, nesterov=a.outer_momentum > 0
+        )
         for p in self.params:
             self.outer_optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
         self.fingerprint = self._fingerprint()

@@ -1,6 +1,6 @@
 """Time one p2pfed averaging round against a torch.distributed gloo all_reduce, both measured in the same run.
 
-    p2pfed bench allreduce --peers 3 --numel 25000000 --rounds 3 [--compression NAME] [--json]
+    p2pfed bench allreduce --peers 3 --numel 25000000 --rounds 3 [--compression NAME] [--transport tcp] [--json]
 
 N local processes each hold a different fp32 tensor of `numel` elements and average it, first with p2pfed, then with
 gloo, so both figures come from the same machine under the same load:
@@ -8,7 +8,9 @@ gloo, so both figures come from the same machine under the same load:
 - p2pfed: one `SwarmAverager.step()` (p2pfed's butterfly all-reduce over libp2p streams, with the chosen
   compression: none, fp16, uint8, randomk, topk or powersgd), timed from the call to its return. That includes
   matchmaking, because one training round pays for it too; all peers start each round at a barrier, and the leader
-  starts the all-reduce as soon as the group is full, so it is short.
+  starts the all-reduce as soon as the group is full, so it is short. `allreduce_s` is the data path alone, from the
+  formed group to the averaged result, and `allreduce_ratio` its ratio to gloo (whose group exists from the start).
+  With `--transport tcp` the parts travel over direct TCP between the averagers instead of libp2p streams.
 - gloo: `all_reduce(SUM)` and the division by N, over TCP on loopback.
 
 A round takes as long as its slowest peer; each figure is the median over `rounds` timed rounds, after one untimed
@@ -19,6 +21,7 @@ binds to 127.0.0.1 only.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -31,6 +34,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.context import SpawnContext, SpawnProcess
 from multiprocessing.queues import Queue
@@ -43,7 +47,7 @@ import torch
 
 from p2pfed.errors import UserError
 
-__all__ = ["run_bench"]
+__all__ = ["Setup", "run_bench", "run_p2pfed_side"]
 
 LISTEN = "/ip4/127.0.0.1/tcp/0"
 MATCHMAKING_TIME = 0.5  # the group fills at once (everyone leaves the barrier together), so the leader barely waits
@@ -65,32 +69,11 @@ class _RoundFailed(RuntimeError):
     """A failure the bench detects itself; its message says it all, so no traceback goes with it."""
 
 
-def run_bench(*, n_peers: int, numel: int, rounds: int, compression: str) -> dict[str, Any]:
+def run_bench(*, n_peers: int, numel: int, rounds: int, compression: str, transport: str = "libp2p") -> dict[str, Any]:
     """Run both sides with `n_peers` local processes and return the medians, their ratio and the p2pfed error."""
-    from p2pfed.compression import COMPRESSORS
-
-    if n_peers < 2 or numel < 1 or rounds < 1:
-        raise UserError(f"need at least 2 peers, 1 element and 1 round, got {n_peers}, {numel} and {rounds}")
-    if compression not in COMPRESSORS:
-        raise UserError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSORS)}")
     ctx = mp.get_context("spawn")  # fork would copy this process's threads and torch state into every peer
-
-    # Unique per run, so that this run's group key can never match another bench's or a training run's peers.
-    prefix = f"p2pfed_bench_{uuid.uuid4().hex[:12]}"
-    maddr_queue: Queue[list[str]] = ctx.Queue()
-    barrier = ctx.Barrier(n_peers)
     budget = 2 * STARTUP_TIMEOUT + (rounds + 1) * (GROUP_TIMEOUT + ALLREDUCE_TIMEOUT)
-    try:
-        p2pfed = _run_side(
-            ctx,
-            "p2pfed",
-            _p2pfed_peer,
-            lambda rank: (rank, n_peers, numel, rounds, compression, prefix, maddr_queue, barrier),
-            n_peers,
-            budget,
-        )
-    finally:
-        maddr_queue.close()
+    p2pfed = run_p2pfed_side(n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport)
 
     # With init_method="tcp://127.0.0.1:PORT", rank 0's TCPStore would listen on every interface; handing it a socket
     # bound to loopback keeps the rendezvous there, and holding the port from here on means nobody can take it.
@@ -110,18 +93,70 @@ def run_bench(*, n_peers: int, numel: int, rounds: int, compression: str) -> dic
         listener.close()
 
     p2pfed_s = _median_of_slowest([r["times"] for r in p2pfed])
+    allreduce_s = _median_of_slowest([r["allreduce_times"] for r in p2pfed])
     gloo_s = _median_of_slowest([r["times"] for r in gloo])
     return {
         "p2pfed_s": p2pfed_s,
         "gloo_s": gloo_s,
         "ratio": p2pfed_s / gloo_s,
+        "allreduce_s": allreduce_s,
+        "allreduce_ratio": allreduce_s / gloo_s,
         "max_abs_error": max(max(r["errors"]) for r in p2pfed),
         "bytes_sent_per_peer": int(statistics.mean(statistics.mean(r["bytes_sent"]) for r in p2pfed)),
         "n_peers": n_peers,
         "numel": numel,
         "rounds": rounds,
         "compression": compression,
+        "transport": transport,
     }
+
+
+def run_p2pfed_side(
+    *,
+    n_peers: int,
+    numel: int,
+    rounds: int,
+    compression: str,
+    transport: str,
+    hosts: Sequence[str] | None = None,
+    netns: Sequence[str] | None = None,
+) -> list[Result]:
+    """p2pfed's side alone: one result per peer (times, all-reduce times, errors, bytes). Peer i listens on
+    hosts[i] (default 127.0.0.1) and, when `netns` is given, runs inside network namespace netns[i]."""
+    from p2pfed.compression import COMPRESSORS
+
+    if n_peers < 2 or numel < 1 or rounds < 1:
+        raise UserError(f"need at least 2 peers, 1 element and 1 round, got {n_peers}, {numel} and {rounds}")
+    if compression not in COMPRESSORS:
+        raise UserError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSORS)}")
+    ctx = mp.get_context("spawn")
+    # Unique per run, so that this run's group key can never match another bench's or a training run's peers.
+    prefix = f"p2pfed_bench_{uuid.uuid4().hex[:12]}"
+    maddr_queue: Queue[list[str]] = ctx.Queue()
+    barrier = ctx.Barrier(n_peers)
+    budget = 2 * STARTUP_TIMEOUT + (rounds + 1) * (GROUP_TIMEOUT + ALLREDUCE_TIMEOUT)
+    setup = Setup(n_peers, numel, rounds, compression, transport, prefix)
+
+    def args_for(rank: int) -> tuple[Any, ...]:
+        listen = f"/ip4/{hosts[rank]}/tcp/0" if hosts else LISTEN
+        return rank, setup, listen, netns[rank] if netns else None, maddr_queue, barrier
+
+    try:
+        return _run_side(ctx, "p2pfed", _p2pfed_peer, args_for, n_peers, budget)
+    finally:
+        maddr_queue.close()
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every p2pfed peer of one bench run shares."""
+
+    n_peers: int
+    numel: int
+    rounds: int
+    compression: str
+    transport: str
+    prefix: str
 
 
 def _median_of_slowest(times_per_peer: Sequence[Sequence[float]]) -> float:
@@ -293,11 +328,9 @@ def _exact_mean(n_peers: int, numel: int) -> torch.Tensor:
 
 def _p2pfed_peer(
     rank: int,
-    n_peers: int,
-    numel: int,
-    rounds: int,
-    compression: str,
-    prefix: str,
+    setup: Setup,
+    listen: str,
+    netns: str | None,
     maddr_queue: Queue[list[str]],
     barrier: Barrier,
     results: Queue[tuple[str, int, Result]],
@@ -305,7 +338,9 @@ def _p2pfed_peer(
     outcome: tuple[str, int, Result]
     try:
         _child_setup()
-        outcome = ("ok", rank, _p2pfed_rounds(rank, n_peers, numel, rounds, compression, prefix, maddr_queue, barrier))
+        if netns is not None:
+            _enter_netns(netns)  # before any thread, socket or child process: they all inherit it
+        outcome = ("ok", rank, _p2pfed_rounds(rank, setup, listen, maddr_queue, barrier))
     except BaseException as e:
         barrier.abort()  # wake the other peers now rather than at their barrier timeout
         outcome = ("error", rank, _describe(e))
@@ -313,18 +348,25 @@ def _p2pfed_peer(
     results.put(outcome)
 
 
-def _p2pfed_rounds(
-    rank: int,
-    n_peers: int,
-    numel: int,
-    rounds: int,
-    compression: str,
-    prefix: str,
-    maddr_queue: Queue[list[str]],
-    barrier: Barrier,
-) -> Result:
+def _enter_netns(name: str) -> None:
+    """Move this process into network namespace `name` (as `ip netns exec` does; needs root)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(f"/var/run/netns/{name}") as ns:
+        if libc.setns(ns.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"cannot enter network namespace {name}")
+
+
+def _p2pfed_rounds(rank: int, setup: Setup, listen: str, maddr_queue: Queue[list[str]], barrier: Barrier) -> Result:
+    n_peers, numel, rounds, compression, transport, prefix = (
+        setup.n_peers,
+        setup.numel,
+        setup.rounds,
+        setup.compression,
+        setup.transport,
+        setup.prefix,
+    )
     from p2pfed.actors.discovery import start_dht
-    from p2pfed.allreduce import SwarmAverager
+    from p2pfed.allreduce import SwarmAverager, listen_tcp
     from p2pfed.config import CompressionConfig
     from p2pfed.reductions import make_reduction
 
@@ -333,7 +375,7 @@ def _p2pfed_rounds(
     dht = avg = None
     try:
         if rank == 0:
-            dht = start_dht(initial_peers=[], listen=LISTEN)
+            dht = start_dht(initial_peers=[], listen=listen)
             maddrs = [str(m) for m in dht.get_visible_maddrs()]
             for _ in range(n_peers - 1):
                 maddr_queue.put(maddrs)
@@ -342,7 +384,8 @@ def _p2pfed_rounds(
                 maddrs = maddr_queue.get(timeout=STARTUP_TIMEOUT)
             except queue.Empty:
                 raise _RoundFailed(f"peer 0 did not publish its address within {STARTUP_TIMEOUT:.0f} s") from None
-            dht = start_dht(initial_peers=maddrs, listen=LISTEN)
+            dht = start_dht(initial_peers=maddrs, listen=listen)
+        tcp = listen_tcp(listen, 0, dht) if transport == "tcp" else None
         avg = SwarmAverager(
             [original.clone()],
             dht,
@@ -359,6 +402,7 @@ def _p2pfed_rounds(
                 seed=0,
                 peer_seed=rank,  # type: ignore[arg-type]
             ),
+            tcp_socket=tcp[0] if tcp is not None else None,
             shutdown_timeout=5,
             start=False,
         )
@@ -366,6 +410,7 @@ def _p2pfed_rounds(
         avg.wait_until_ready(STARTUP_TIMEOUT)
 
         times: list[float] = []
+        allreduce_times: list[float] = []  # the data path alone: from the group's formation to the result
         errors: list[float] = []
         bytes_sent: list[int] = []
         for round_no in range(rounds + 1):
@@ -374,7 +419,7 @@ def _p2pfed_rounds(
                 tensor.copy_(original)  # every round averages the same inputs, so every result is checkable
             barrier.wait(BARRIER_TIMEOUT)
             t0 = time.perf_counter()
-            outcome = _one_round(avg, label)
+            outcome = _one_round(avg, label, gather={"tcp": list(tcp[1])} if tcp is not None else None)
             elapsed = time.perf_counter() - t0
             if not outcome["complete"]:
                 raise _RoundFailed(
@@ -386,12 +431,13 @@ def _p2pfed_rounds(
             if round_no == 0:
                 continue
             times.append(elapsed)
+            allreduce_times.append(float(outcome["allreduce_s"]))
             bytes_sent.append(int(outcome["bytes_sent"]))
             with avg.get_tensors() as (tensor,):
                 errors.append(float((tensor - expected).abs().max()))
         # Nobody shuts down while a groupmate may still be sending it the last parts of the final round.
         barrier.wait(BARRIER_TIMEOUT)
-        return {"times": times, "errors": errors, "bytes_sent": bytes_sent}
+        return {"times": times, "allreduce_times": allreduce_times, "errors": errors, "bytes_sent": bytes_sent}
     finally:
         _ignore_sigterm()
         if avg is not None:
@@ -400,9 +446,9 @@ def _p2pfed_rounds(
             dht.shutdown()
 
 
-def _one_round(avg: Any, label: str) -> Result:
+def _one_round(avg: Any, label: str, *, gather: Any) -> Result:
     t0 = time.perf_counter()
-    control = avg.step(weight=1.0, timeout=GROUP_TIMEOUT, allow_retries=True, wait=False)
+    control = avg.step(weight=1.0, gather=gather, timeout=GROUP_TIMEOUT, allow_retries=True, wait=False)
     try:
         outcome = control.result(GROUP_TIMEOUT + ALLREDUCE_TIMEOUT)
     except FutureTimeoutError:

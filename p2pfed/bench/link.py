@@ -1,0 +1,80 @@
+"""Link efficiency of one averaging round on a rate-limited link: bytes sent / (time x link rate). Needs root.
+
+    p2pfed bench link --peers 3 --rate-mbit 100 --numel 5000000 --compression none [--transport tcp] [--json]
+
+Each peer runs in its own network namespace behind a `tc tbf` link of the given rate in each direction (the same
+namespaces as `p2pfed bench wan`, removed afterwards whatever happens). The peers then run the p2pfed side of
+`p2pfed bench allreduce` there: one warm-up round, then `rounds` timed ones, each checked against the exact mean.
+
+A butterfly round sends, from each peer, its parts to the other reducers and its reduced part back to them, and no
+peer can receive faster than the others send, so a round cannot end before every peer's uplink has carried its
+bytes: the ideal round time is bytes_sent_per_peer x 8 / rate. `link_efficiency` = that ideal time / the measured
+all-reduce time (median over rounds of the slowest peer), i.e. the share of the link's rate the averaging gets;
+`step_efficiency` is the same over the whole step (group formation included). `tcp_probe_mbit` is one raw TCP bulk
+send across the same link, for scale.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import statistics
+import time
+from types import FrameType
+from typing import Any
+
+from p2pfed.bench.allreduce import run_p2pfed_side
+from p2pfed.bench.wan import WanNet
+
+__all__ = ["run_link"]
+
+logger = logging.getLogger(__name__)
+
+
+def run_link(
+    *, n_peers: int, rate_mbit: float, numel: int, rounds: int, compression: str, transport: str
+) -> dict[str, Any]:
+    net = WanNet(n_peers, rate_mbit)
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    t0 = time.monotonic()
+    try:
+        net.build()
+        logger.info("namespaces %s-* on %s.0/24, %g mbit each way", net.prefix, net.subnet, rate_mbit)
+        probe = net.probe_mbit()
+        peers = run_p2pfed_side(
+            n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport,
+            hosts=[net.address(i) for i in range(n_peers)], netns=net.names,
+        )  # fmt: skip
+    finally:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        net.destroy()
+        left = net.leftovers()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    allreduce_s = statistics.median(max(r) for r in zip(*(p["allreduce_times"] for p in peers), strict=True))
+    step_s = statistics.median(max(r) for r in zip(*(p["times"] for p in peers), strict=True))
+    sent = statistics.mean(statistics.mean(p["bytes_sent"]) for p in peers)
+    ideal_s = sent * 8 / (rate_mbit * 1e6)
+    return {
+        "link_efficiency": ideal_s / allreduce_s,
+        "step_efficiency": ideal_s / step_s,
+        "allreduce_s": allreduce_s,
+        "step_s": step_s,
+        "ideal_s": ideal_s,
+        "bytes_sent_per_peer": int(sent),
+        "max_abs_error": max(max(p["errors"]) for p in peers),
+        "tcp_probe_mbit": probe,
+        "n_peers": n_peers,
+        "rate_mbit": rate_mbit,
+        "numel": numel,
+        "rounds": rounds,
+        "compression": compression,
+        "transport": transport,
+        "wall_s": round(time.monotonic() - t0, 1),
+        "leftovers": left,
+    }
