@@ -258,6 +258,9 @@ def bench() -> None:
 @click.option("--max-steps", type=click.IntRange(min=1), default=60, show_default=True)
 @click.option("--run-dir", type=click.Path(file_okay=False), help="logs, reports, params (default: a temp dir)")
 @click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True, help="stop after seconds")
+@click.option("--runner", type=click.Choice(["p2pfed", "hivemind"]), default="p2pfed", show_default=True,
+              help="hivemind: the hivemind.Optimizer reference on the same model and data")  # fmt: skip
+@click.option("--target-loss", type=float, default=None, help="report the time until every peer's eval loss <= it")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @user_errors
 def bench_wan(
@@ -268,6 +271,8 @@ def bench_wan(
     max_steps: int,
     run_dir: str | None,
     timeout: float,
+    runner: str,
+    target_loss: float | None,
     as_json: bool,
 ) -> None:
     """Peers in network namespaces behind tbf rate-limited links (needs root; not part of the test suite)."""
@@ -277,7 +282,7 @@ def bench_wan(
 
     options = WanOptions(
         config=config_path, peers=n_peers, rate_mbit=rate_mbit, max_steps=max_steps, overrides=list(overrides),
-        run_dir=run_dir, timeout=timeout,
+        run_dir=run_dir, timeout=timeout, runner=runner, target_loss=target_loss,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     res = run_wan(options)

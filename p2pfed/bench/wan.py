@@ -169,7 +169,7 @@ class _Peer:
     log: IO[str]
     started: float
     bootstrap: str | None = None
-    progress: list[tuple[float, int]] = field(default_factory=list)  # (arrival time, step)
+    progress: list[tuple[float, int, float | None]] = field(default_factory=list)  # (arrival time, step, eval loss)
     reader: threading.Thread | None = None
 
     def read(self) -> None:
@@ -180,7 +180,8 @@ class _Peer:
             if line.startswith("bootstrap: ") and self.bootstrap is None:
                 self.bootstrap = line.split(" ", 1)[1].strip()
             elif line.startswith('{"kind": "progress"'):
-                self.progress.append((time.monotonic(), int(json.loads(line)["step"])))
+                event = json.loads(line)
+                self.progress.append((time.monotonic(), int(event["step"]), event.get("eval_loss")))
 
 
 def _group_members(pgids: set[int]) -> list[int]:
@@ -204,10 +205,14 @@ class WanOptions:
     overrides: list[str] = field(default_factory=list)
     run_dir: str | None = None  # logs, reports and parameters; default: a new temporary directory
     timeout: float = 600.0  # stop the peers after this many seconds
+    runner: str = "p2pfed"  # or "hivemind": the hivemind.Optimizer reference peer (p2pfed/bench/hivemind_peer.py)
+    target_loss: float | None = None  # report the time until every peer's eval loss is at or below it
 
     def __post_init__(self) -> None:
         if not 2 <= self.peers <= 200 or self.rate_mbit <= 0 or self.max_steps < 1:
             raise UserError("need 2 <= --peers <= 200, --rate-mbit > 0 and --max-steps >= 1")
+        if self.runner not in ("p2pfed", "hivemind"):
+            raise UserError(f"--runner must be p2pfed or hivemind, got {self.runner!r}")
         if not Path(self.config).is_file():
             raise UserError(f"--config {self.config}: no such file")
         self.config = str(Path(self.config).resolve())
@@ -215,12 +220,19 @@ class WanOptions:
 
 def _start(net: WanNet, i: int, args: WanOptions, run_dir: Path, bootstrap: str | None) -> _Peer:
     n = args.peers
-    cmd = ["ip", "netns", "exec", net.names[i], sys.executable, "-m", "p2pfed", "peer", "--config", args.config]
-    cmd += ["--events", "jsonl", "--listen", f"/ip4/{net.address(i)}/tcp/0", "--max-steps", str(args.max_steps)]
-    for o in [*args.overrides, f"swarm.min_peers={n}", f"data.num_partitions={n}", f"data.partition_index={i}"]:
-        cmd += ["--set", o]
+    cmd = ["ip", "netns", "exec", net.names[i], sys.executable, "-m"]
+    listen, report = f"/ip4/{net.address(i)}/tcp/0", str(run_dir / f"peer-{i}.json")
+    if args.runner == "hivemind":
+        cmd += ["p2pfed.bench.hivemind_peer", "--config", args.config, "--listen", listen, "--index", str(i)]
+        cmd += ["--peers", str(n), "--max-steps", str(args.max_steps), "--report", report]
+        cmd += [arg for o in args.overrides for arg in ("--set", o)]
+    else:
+        cmd += ["p2pfed", "peer", "--config", args.config, "--events", "jsonl", "--listen", listen]
+        cmd += ["--max-steps", str(args.max_steps)]
+        for o in [*args.overrides, f"swarm.min_peers={n}", f"data.num_partitions={n}", f"data.partition_index={i}"]:
+            cmd += ["--set", o]
+        cmd += ["--report", report, "--save-params", str(run_dir / f"peer-{i}.safetensors")]
     cmd += ["--initial-peers", bootstrap] if bootstrap else []
-    cmd += ["--report", str(run_dir / f"peer-{i}.json"), "--save-params", str(run_dir / f"peer-{i}.safetensors")]
     log = open(run_dir / f"peer-{i}.log", "a")  # append: stderr and the stdout reader share it
     proc = subprocess.Popen(
         cmd,
@@ -265,7 +277,7 @@ def _peer_row(p: _Peer, run_dir: Path, rate_mbit: float) -> dict[str, Any]:
     if r.get("bytes_sent") is not None:
         row["wire_s"] = round(r["bytes_sent"] * 8 / (rate_mbit * 1e6), 3)
     if len(p.progress) >= 2 and r.get("steps"):
-        (t0, s0), (t1, s1) = p.progress[0], p.progress[-1]
+        (t0, s0, _), (t1, s1, _) = p.progress[0], p.progress[-1]
         row["startup_s"] = round(t0 - p.started, 3)  # launch to first progress line (first step included)
         row["train_wall_s"] = round(t1 - t0, 3)
         row["train_compute_s"] = round(r["compute_s"] * (s1 - s0) / r["steps"], 3)  # steps cost alike
@@ -317,6 +329,8 @@ def run_wan(args: WanOptions) -> dict[str, Any]:
     rows = [_peer_row(p, run_dir, args.rate_mbit) for p in peers]
     util = [r["compute_s"] / r["wall_s"] for r in rows if r.get("wall_s")]
     train = [r["train_compute_s"] / r["train_wall_s"] for r in rows if r.get("train_wall_s")]
+    reached = [_time_to(args.target_loss, p, t_start) for p in peers] if args.target_loss is not None else []
+    times = [r for r in reached if r is not None]
     return {
         "peers": rows,
         "link_rate_mbit": args.rate_mbit,
@@ -324,9 +338,21 @@ def run_wan(args: WanOptions) -> dict[str, Any]:
         "tcp_probe_mbit": probe_mbit,
         "compute_utilization": round(sum(util) / len(util), 4) if util else None,
         "train_utilization": round(sum(train) / len(train), 4) if train else None,
+        "runner": args.runner,
+        "target_loss": args.target_loss,
+        # every peer at or below the target: the slowest peer's time from the harness's start (None: never)
+        "time_to_target_s": round(max(times), 2) if times and len(times) == len(reached) else None,
         "max_param_divergence": max_param_divergence([run_dir / f"peer-{i}.safetensors" for i in range(len(peers))]),
         "wall_s": round(time.monotonic() - t_start, 1),
         "interrupted": interrupted,
         "leftovers": left,
         "run_dir": str(run_dir),
     }
+
+
+def _time_to(target: float, peer: _Peer, t_start: float) -> float | None:
+    """Seconds from the harness's start to the first progress line of `peer` with eval loss <= target."""
+    for arrived, _, eval_loss in peer.progress:
+        if eval_loss is not None and eval_loss <= target:
+            return arrived - t_start
+    return None
