@@ -4,7 +4,10 @@ config.py     typed run config and peer profiles (pydantic; unknown keys rejecte
 config_reference.py  the configuration reference (docs/CONFIG.md), generated from config.py
 data.py       text sources, byte tokenizer, train/val split and per-peer partitions
 model.py      transformers causal LMs built from a config (Llama, GPT-2) or a local directory
-allreduce.py  hivemind's all-reduce made strict (commit only complete rounds) and byte-counted
+allreduce.py  SwarmAverager: hivemind's matchmaking and state sharing around p2pfed's own all-reduce
+butterfly.py  the all-reduce itself: each member reduces one slice, over libp2p streams or direct TCP; strict
+reductions.py how each compressor's round crosses the butterfly (dense, shared coordinates, sparse, low rank)
+hierarchy.py  cloud-aware all-reduce: inside each cloud, then one delegate per cloud across clouds, then back
 actors/       a peer's actors: Discovery, Trainer, Averager, Monitor and their Supervisor
 peer.py       one peer: wires the actors and runs the round loop
 overlap.py    DiLoCo with overlap: a phase's all-reduce runs while the next phase trains

@@ -49,7 +49,7 @@ from p2pfed.actors.monitor import Monitor, Sink
 from p2pfed.actors.trainer import Trainer
 from p2pfed.config import Config, Profile
 from p2pfed.data import load_corpus
-from p2pfed.errors import UserError
+from p2pfed.errors import ActorDeadError, UserError
 from p2pfed.gossip import GossipRounds
 from p2pfed.log import PeerContext
 from p2pfed.overlap import OverlappedRounds
@@ -87,6 +87,7 @@ class Peer:
         self.start_step: int | None = None
         # (when last read, unfinished peers, ready peers), see _swarm_size
         self._swarm_checked: tuple[float, int, int] = (0.0, cfg.swarm.min_peers, cfg.swarm.min_peers)
+        self._swarm_refresh: asyncio.Future[None] | None = None
         self.stats: dict[str, Any] = {
             "rounds_ok": 0,
             "rounds_failed": 0,
@@ -129,17 +130,28 @@ class Peer:
         )
 
     async def _swarm_size(self) -> tuple[int, int]:
-        """(unfinished peers, peers ready to average) of the run, this one included; re-read at most every
-        announce period. The averager's group size follows the ready count, so a round starts as soon as every
-        ready peer has joined it; a peer averages with nobody only when no other unfinished peer is live."""
-        now = time.monotonic()
-        if now - self._swarm_checked[0] > self.cfg.swarm.announce_every:
-            others = [p for p in await self._others() if not p.finished]
-            ready = 1 + len([p for p in others if p.ready])
-            if ready != self._swarm_checked[2]:
-                self.averager.tell(SetGroupSize(self.cfg.group_size(ready)))
-            self._swarm_checked = (now, 1 + len(others), ready)
+        """(unfinished peers, peers ready to average) of the run, this one included, as last read from the DHT. A
+        read older than the announce period starts a new one in the background, so the round loop never waits on
+        the DHT (only the very first read is awaited). The averager's group size follows the ready count, so a round
+        starts as soon as every ready peer has joined it; a peer averages with nobody only when no other
+        unfinished peer is live."""
+        stale = time.monotonic() - self._swarm_checked[0] > self.cfg.swarm.announce_every
+        if stale and (self._swarm_refresh is None or self._swarm_refresh.done()):
+            self._swarm_refresh = asyncio.ensure_future(self._refresh_swarm())
+            if self._swarm_checked[0] == 0.0:
+                await self._swarm_refresh
         return self._swarm_checked[1], self._swarm_checked[2]
+
+    async def _refresh_swarm(self) -> None:
+        try:
+            others = [p for p in await self._others() if not p.finished]
+        except (TimeoutError, ActorDeadError) as e:
+            logger.debug("swarm view not refreshed: %r", e)
+            return
+        ready = 1 + len([p for p in others if p.ready])
+        if ready != self._swarm_checked[2]:
+            self.averager.tell(SetGroupSize(self.cfg.group_size(ready)))
+        self._swarm_checked = (time.monotonic(), 1 + len(others), ready)
 
     async def _others(self) -> list[PeerRecord]:
         peers = await self.discovery.ask(GetPeers(), timeout=self.cfg.averaging.request_timeout * 4)

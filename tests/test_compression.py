@@ -527,3 +527,23 @@ def test_decompress_rejects_a_payload_that_does_not_fit() -> None:
         TopK(ratio=0.01).decompress(truncated, numel=1000, round=0)
     with pytest.raises(ValueError, match="round must be an integer >= 0, got -1"):
         RandomK().compress(x, round=-1)
+
+
+def test_randomk_draws_one_coordinate_per_block_and_scales_by_the_block_size() -> None:
+    # Prepare: a size that k does not divide, so blocks differ in size by one
+    numel = 1025
+    compressor = RandomK(ratio=0.1, seed=5, scale=True)
+    k = _kept(0.1, numel)
+    starts = [j * numel // k for j in range(k + 1)]
+
+    # Execute
+    chosen = compressor.indices(numel, round=2)
+    x = _randn(numel)
+    values = compressor.encode(x, round=2)
+
+    # Assert: coordinate j lies in block j, and its value is scaled by that block's size (so E[x̂] = x)
+    assert chosen.numel() == k
+    for j, i in enumerate(chosen.tolist()):
+        assert starts[j] <= i < starts[j + 1]
+    sizes = torch.tensor([starts[j + 1] - starts[j] for j in range(k)], dtype=torch.float32)
+    assert_close(values, x[chosen] * sizes)
