@@ -30,9 +30,10 @@ __all__ = ["Compressor", "LinearCompressor", "Payload", "flat32", "keep_count", 
 class Payload:
     """One peer's compressed update: `data` is the wire form (packed numpy buffers, native little-endian order);
     `header` holds a few layout ints (e.g. kept count, matrix shape) so a receiver can reject a payload from a peer
-    configured differently instead of misreading it."""
+    configured differently instead of misreading it. A linear payload's `data` is a read-only view of the encoded
+    tensor's memory (no copy of a 100 MB vector): it stays valid while that tensor is left unchanged."""
 
-    data: bytes | bytearray
+    data: bytes | bytearray | memoryview
     header: tuple[int, ...] = ()
 
     HEADER_ITEM_BYTES: ClassVar[int] = 4  # header ints go on the wire as int32
@@ -78,7 +79,7 @@ class LinearCompressor(Compressor):
 
     def compress(self, x: torch.Tensor, *, round: int) -> Payload:
         values = self.encode(flat32(x), round=round)  # (k,)
-        return Payload(pack(values), header=(values.numel(),))
+        return Payload(view_bytes(values), header=(values.numel(),))
 
     def decompress(self, payload: Payload, *, numel: int, round: int) -> torch.Tensor:
         k = self.size(numel)
@@ -106,6 +107,12 @@ def pack(*tensors: torch.Tensor) -> bytes:
     return b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in tensors)
 
 
+def view_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of one fp32 tensor without a copy (a copy only when it is not a contiguous CPU tensor)."""
+    array = t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    return array.data.cast("B").toreadonly()
+
+
 def unpack(payload: Payload, header: tuple[int, ...], *layout: tuple[Any, int]) -> list[torch.Tensor]:
     """Split payload.data into tensors of the given (numpy dtype, count), after checking header and length."""
     if payload.header != header:
@@ -116,7 +123,8 @@ def unpack(payload: Payload, header: tuple[int, ...], *layout: tuple[Any, int]) 
     out, offset = [], 0
     for dtype, count in layout:
         array = np.frombuffer(payload.data, dtype=dtype, count=count, offset=offset)
-        out.append(torch.from_numpy(array.copy()))  # copy: frombuffer over bytes is read-only
+        # A received payload is a bytearray: its arrays can be used in place. Over bytes or a view they are read-only.
+        out.append(torch.from_numpy(array if array.flags.writeable else array.copy()))
         offset += array.nbytes
     return out
 
