@@ -50,6 +50,7 @@ _WAIT = struct.Struct("<d")  # seconds a puller waits for the root
 _MAX_PULL_WAIT = 600.0
 _U8, _U16, _U32, _U64 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 _IO_CHUNK = 1 << 20  # bytes per write/read call; each read has its own deadline
+_PIECE = 1 << 20  # elements per piece of a part: the unit of reduction and reply
 _MAX_PAYLOAD = 1 << 36  # a header claiming more than 64 GiB is not from a p2pfed peer
 
 
@@ -84,14 +85,26 @@ def split_sizes(numel: int, shares: Sequence[float]) -> list[int]:
     return sizes
 
 
+def _piece_sizes(size: int) -> list[int]:
+    """A part travels and is reduced in pieces of at most _PIECE elements, so replies start before it all arrived."""
+    return [min(_PIECE, size - start) for start in range(0, size, _PIECE)]
+
+
+def _piece_round(round: int, index: int) -> int:
+    """The codec's round for one piece: distinct pieces draw distinct rounding noise."""
+    return (round * 4099 + index) % (1 << 62)
+
+
 class _Slice:
-    """The part this peer reduces in one all-reduce: the weighted sum so far, and the one reply every sender gets."""
+    """The part this peer reduces in one all-reduce, piece by piece: the weighted sums so far, and the one reply per
+    piece that every sender gets as soon as every sender's copy of that piece has arrived."""
 
     def __init__(
         self,
         *,
         peers: Sequence[PeerID],
         senders: int,
+        size: int,
         codec: Compressor,
         round: int,
         stats: ButterflyStats,
@@ -99,34 +112,66 @@ class _Slice:
     ) -> None:
         self.peers, self.senders, self.codec, self.round, self.stats = peers, senders, codec, round, stats
         self.replies = senders - 1 if replies is None else replies  # streams that wait for this slice's mean
-        self.total: torch.Tensor | None = None  # (part,) fp32, sum of weight * part
-        self.weight = 0.0
-        self.seen: set[int] = set()
-        self.done = asyncio.Event()
-        self.reply: Payload | None = None
+        self.sizes = _piece_sizes(size)
+        self.totals: list[torch.Tensor | None] = [None] * len(self.sizes)  # (piece,) fp32, sums of weight * piece
+        self.weights = [0.0] * len(self.sizes)
+        self.seen: list[set[int]] = [set() for _ in self.sizes]
+        self.ready = [asyncio.Event() for _ in self.sizes]
+        self.reply: list[Payload | None] = [None] * len(self.sizes)
+        self.reduced = 0
+        self.done = asyncio.Event()  # every piece reduced, or the slice failed
         self.error = ""
-        self.replied = 0  # replies written back to senders
+        self.replied = 0  # senders that got every piece back
         self.all_replied = asyncio.Event()
 
-    def add(self, sender: int, weight: float, part: torch.Tensor) -> None:
-        if sender in self.seen:
-            raise _Failed(f"member {sender} sent its part twice")
-        self.seen.add(sender)
-        self.total = part * weight if self.total is None else self.total.add_(part, alpha=weight)
-        self.weight += weight
-        if len(self.seen) == self.senders:
-            self._finish()
+    def add(self, sender: int, index: int, weight: float, piece: torch.Tensor) -> None:
+        if sender in self.seen[index]:
+            raise _Failed(f"member {sender} sent piece {index} twice")
+        self.seen[index].add(sender)
+        total = self.totals[index]
+        self.totals[index] = piece * weight if total is None else total.add_(piece, alpha=weight)
+        self.weights[index] += weight
+        if len(self.seen[index]) == self.senders:
+            self._finish(index)
+
+    def add_all(self, sender: int, weight: float, part: torch.Tensor) -> None:
+        for index, piece in enumerate(part.split(self.sizes)):
+            self.add(sender, index, weight, piece)
 
     def fail(self, reason: str) -> None:
         if not self.done.is_set():
             self.error = reason
+            for event in self.ready:
+                event.set()
             self.done.set()
 
-    def _finish(self) -> None:
-        assert self.total is not None
-        mean = self.total / self.weight if self.weight > 0 else torch.zeros_like(self.total)
-        self.reply = self.codec.compress(mean, round=self.round)
-        self.done.set()
+    async def piece(self, index: int) -> Payload:
+        await self.ready[index].wait()
+        payload = self.reply[index]
+        if payload is None:
+            raise _Failed(self.error or "slice failed")
+        return payload
+
+    def _finish(self, index: int) -> None:
+        total = self.totals[index]
+        assert total is not None
+        weight = self.weights[index]
+        mean = total / weight if weight > 0 else torch.zeros_like(total)
+        self.reply[index] = self.codec.compress(mean, round=_piece_round(self.round, index))
+        self.totals[index] = None  # the reply is all that is needed from here on
+        self.ready[index].set()
+        self.reduced += 1
+        if self.reduced == len(self.sizes):
+            self.done.set()
+
+    def decoded(self) -> torch.Tensor:
+        """This slice's mean as every member decodes it, from the replies."""
+        pieces = []
+        for index, (payload, size) in enumerate(zip(self.reply, self.sizes, strict=True)):
+            if payload is None:
+                raise _Failed(f"this peer's slice failed: {self.error}")
+            pieces.append(self.codec.decompress(payload, numel=size, round=_piece_round(self.round, index)))
+        return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
 
 
 class Butterfly:
@@ -167,11 +212,11 @@ class Butterfly:
         sizes = split_sizes(vector.numel(), shares)
         parts = list(vector.split(sizes))
         piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
-        mine = _Slice(peers=peers, senders=len(peers), codec=codec, round=round, stats=stats)
+        mine = _Slice(peers=peers, senders=len(peers), size=sizes[me], codec=codec, round=round, stats=stats)
         if sizes[me] > 0:
             if not piece.done():
                 piece.set_result(mine)
-            mine.add(me, weight, parts[me])
+            mine.add_all(me, weight, parts[me])
         else:
             mine.fail("this member reduces no part")
         try:
@@ -189,7 +234,7 @@ class Butterfly:
         finally:
             mine.fail("the all-reduce ended")  # a sender still waiting on this peer's slice gets a clear reply
             self._slices.pop(tag, None)
-        if sizes[me] > 0 and mine.reply is not None and len(peers) > 1:
+        if sizes[me] > 0 and not mine.error and len(peers) > 1:
             try:  # the round's byte count includes the replies this peer's slice still has to write
                 await asyncio.wait_for(mine.all_replied.wait(), self.chunk_timeout)
             except asyncio.TimeoutError:
@@ -232,15 +277,15 @@ class Butterfly:
                 stats.reason = str(e) or f"no broadcast within {timeout:.0f}s"
                 return None, stats
         piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
-        mine = _Slice(peers=peers, senders=1, codec=codec, round=round, stats=stats, replies=len(peers) - 1)
+        mine = _Slice(peers=peers, senders=1, size=numel, codec=codec, round=round, stats=stats, replies=len(peers) - 1)
         if vector is None:
             mine.fail("the broadcast's root has no result to send")
         else:
-            mine.add(0, 1.0, vector.reshape(-1))
+            mine.add_all(0, 1.0, vector.reshape(-1))
         if not piece.done():
             piece.set_result(mine)
         try:
-            if mine.reply is None:
+            if mine.error:
                 stats.reason = mine.error
                 return None, stats
             if len(peers) > 1:
@@ -248,7 +293,7 @@ class Butterfly:
                     await asyncio.wait_for(mine.all_replied.wait(), timeout)
                 except asyncio.TimeoutError:
                     pass  # a member that never pulled fails its own round
-            return codec.decompress(mine.reply, numel=numel, round=round), stats
+            return mine.decoded(), stats
         finally:
             self._slices.pop(tag, None)
 
@@ -256,9 +301,7 @@ class Butterfly:
         if size == 0:
             return torch.zeros(0)
         await mine.done.wait()
-        if mine.reply is None:
-            raise _Failed(f"this peer's slice failed: {mine.error}")
-        return mine.codec.decompress(mine.reply, numel=size, round=mine.round)
+        return mine.decoded()
 
     async def _exchange(
         self,
@@ -282,29 +325,45 @@ class Butterfly:
             reader, writer = await asyncio.wait_for(self._open(peer, routes), self.chunk_timeout)
         except Exception as e:
             raise _Failed(f"could not open a stream to {remote[-6:]}: {e!r}") from None
-        try:
+        sizes = _piece_sizes(numel if part is None else part.numel())
+
+        async def send() -> None:
             if part is None:
                 request = _PULL + _U16.pack(len(tag)) + tag + _REQUEST.pack(me, 0.0) + _WAIT.pack(wait)
                 writer.write(request)
                 await asyncio.wait_for(writer.drain(), self.chunk_timeout)
                 stats.add_sent(remote, len(request))
-            else:
-                request = _MAGIC + _U16.pack(len(tag)) + tag + _REQUEST.pack(me, weight)
-                stats.add_sent(remote, await self._write(writer, request, codec.compress(part, round=round)))
-                numel = part.numel()
-            status = (await self._read(reader, 1))[0]
-            if status != 0:
-                stats.bytes_received += 1
-                reason = await self._read_blob(reader, limit=1 << 16)
-                stats.bytes_received += 4 + len(reason)
-                raise _Failed(f"reducer {remote[-6:]} failed: {reason.decode(errors='replace')}")
-            payload, n = await self._read_payload(reader)
-            stats.bytes_received += 1 + n
-            try:
-                return codec.decompress(payload, numel=numel, round=round)
-            except ValueError as e:
-                raise _Failed(f"bad reply from {remote[-6:]}: {e}") from None
+                return
+            prefix = _MAGIC + _U16.pack(len(tag)) + tag + _REQUEST.pack(me, weight)
+            for index, piece in enumerate(part.split(sizes)):
+                payload = codec.compress(piece, round=_piece_round(round, index))
+                stats.add_sent(remote, await self._write(writer, prefix if index == 0 else b"", payload))
+
+        async def receive() -> torch.Tensor:
+            pieces = []
+            for index, size in enumerate(sizes):
+                status = (await self._read(reader, 1))[0]
+                if status != 0:
+                    stats.bytes_received += 1
+                    reason = await self._read_blob(reader, limit=1 << 16)
+                    stats.bytes_received += 4 + len(reason)
+                    raise _Failed(f"reducer {remote[-6:]} failed: {reason.decode(errors='replace')}")
+                payload, n = await self._read_payload(reader)
+                stats.bytes_received += 1 + n
+                try:
+                    pieces.append(codec.decompress(payload, numel=size, round=_piece_round(round, index)))
+                except ValueError as e:
+                    raise _Failed(f"bad reply from {remote[-6:]}: {e}") from None
+            return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+
+        sending = asyncio.ensure_future(send())  # replies to early pieces arrive while later ones still go out
+        sending.add_done_callback(_retrieve)
+        try:
+            result = await receive()
+            await sending
+            return result
         finally:
+            sending.cancel()
             writer.close()
 
     async def _open(self, peer: PeerID, routes: Routes | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -336,26 +395,27 @@ class Butterfly:
                 if not piece.done():
                     self._slices.pop(tag, None)
                 raise _Failed("this peer never started that all-reduce") from None
+            reading: asyncio.Future[None] | None = None
             if kind == _PULL:
                 mine.stats.bytes_received += 4 + _U16.size + tag_len + _REQUEST.size + _WAIT.size
             else:
-                payload, n = await self._read_payload(reader)
-                mine.stats.bytes_received += 4 + _U16.size + tag_len + _REQUEST.size + n
-                if mine.done.is_set():
-                    raise _Failed(mine.error or "slice already reduced")
+                if mine.error:
+                    raise _Failed(mine.error)
                 if not (0 <= sender < mine.senders) or not weight >= 0.0:
                     raise _Failed(f"bad request: sender {sender}, weight {weight}")
-                size = _payload_numel(mine)
-                try:
-                    part = mine.codec.decompress(payload, numel=size, round=mine.round)
-                except ValueError as e:
-                    raise _Failed(f"bad part from member {sender}: {e}") from None
-                mine.add(sender, weight, part)
-            await asyncio.wait_for(mine.done.wait(), self.chunk_timeout * 3)
-            if mine.reply is None:
-                raise _Failed(mine.error)
-            sent = await self._write(writer, b"\x00", mine.reply)
-            mine.stats.add_sent(mine.peers[sender].to_base58() if sender < len(mine.peers) else "?", sent)
+                mine.stats.bytes_received += 4 + _U16.size + tag_len + _REQUEST.size
+                reading = asyncio.ensure_future(self._read_parts(reader, mine, sender, weight))
+                reading.add_done_callback(_retrieve)
+            try:
+                for index in range(len(mine.sizes)):  # each piece's mean goes back as soon as it is reduced
+                    payload = await asyncio.wait_for(mine.piece(index), self.chunk_timeout * 3)
+                    sent = await self._write(writer, b"\x00", payload)
+                    mine.stats.add_sent(mine.peers[sender].to_base58() if sender < len(mine.peers) else "?", sent)
+                if reading is not None:
+                    await reading
+            finally:
+                if reading is not None:
+                    reading.cancel()
             mine.replied += 1
             if mine.replied == mine.replies:
                 mine.all_replied.set()
@@ -371,6 +431,22 @@ class Butterfly:
                 pass  # the sender is gone; its own read fails and it records the round as failed
         finally:
             writer.close()
+
+    async def _read_parts(self, reader: asyncio.StreamReader, mine: _Slice, sender: int, weight: float) -> None:
+        """Read one sender's part piece by piece into the slice; a piece that does not arrive whole fails the slice
+        for every sender (the round must not commit without it)."""
+        try:
+            for index, size in enumerate(mine.sizes):
+                payload, n = await self._read_payload(reader)
+                mine.stats.bytes_received += n
+                try:
+                    piece = mine.codec.decompress(payload, numel=size, round=_piece_round(mine.round, index))
+                except ValueError as e:
+                    raise _Failed(f"bad part from member {sender}: {e}") from None
+                mine.add(sender, index, weight, piece)
+        except (_Failed, asyncio.TimeoutError, OSError, asyncio.IncompleteReadError, struct.error) as e:
+            mine.fail(f"member {sender}'s part: {e}")
+            raise _Failed(mine.error) from None
 
     async def _linger(self, reader: asyncio.StreamReader) -> None:
         """Keep the stream open until the other side closes it: p2pd may reset a stream whose local end closes
@@ -430,7 +506,7 @@ class Butterfly:
         return chunk
 
 
-def _payload_numel(piece: _Slice) -> int:
-    """Elements of this peer's part, known from its own contribution (every member splits the same way)."""
-    assert piece.total is not None  # this peer added its own part before it could serve others
-    return piece.total.numel()
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a helper task's exception as seen: the coroutine that awaits the other half reports the failure."""
+    if not task.cancelled():
+        task.exception()

@@ -17,6 +17,7 @@ import torch
 from hivemind.p2p import P2P
 from torch.testing import assert_close
 
+from p2pfed import butterfly as butterfly_module
 from p2pfed.butterfly import Butterfly, split_sizes
 from p2pfed.compression import Compressor, Fp16, Fp32, PowerSGD, RandomK, Uint8
 from p2pfed.config import CompressionConfig
@@ -142,6 +143,44 @@ def test_direct_tcp_routes_give_the_same_mean_without_the_p2p_daemon() -> None:
                 assert stats.bytes_sent > 2 * 4 * 100_003 * 2 // 3 - 100  # a third to each of two reducers, and back
             for sock in sockets:
                 sock.close()
+
+    _run(main())
+
+
+def test_parts_travel_in_pieces_and_a_failed_piece_fails_the_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: pieces of 1,000 elements, so each part of ~3,300 goes as 4 pieces, replies interleaved with sends
+    monkeypatch.setattr(butterfly_module, "_PIECE", 1000)
+
+    async def main() -> None:
+        async with _members(3) as butterflies:
+            vectors, weights = _vectors(3, 10_003), [1.0, 2.0, 3.0]
+            for codec, atol in ((Fp32(), 1e-6), (Uint8(seed=2), 0.1)):
+                results = await _allreduce_all(
+                    butterflies, vectors, weights, [1, 1, 1], codec, tag=repr(codec).encode()
+                )
+                for mean in results:
+                    assert_close(mean, _weighted_mean(vectors, weights), atol=atol, rtol=0)
+                    assert torch.equal(mean, results[0])  # type: ignore[arg-type]
+            # A member whose vector is too short for the agreed split sends a bad last piece: nobody commits.
+            short = [vectors[0], vectors[1], vectors[2][:-1]]
+            peers = [b.p2p.peer_id for b in butterflies]
+            calls = [
+                b.allreduce(
+                    b"bad",
+                    peers,
+                    i,
+                    v,
+                    weight=1.0,
+                    shares=[1, 1, 1],
+                    codec=Fp32(),
+                    round=1,
+                    timeout=TIMEOUT,
+                )  # fmt: skip
+                for i, (b, v) in enumerate(zip(butterflies, short, strict=True))
+            ]
+            outcomes = await asyncio.gather(*calls)
+            assert [mean for mean, _ in outcomes] == [None, None, None]
+            assert all(stats.reason for _, stats in outcomes)
 
     _run(main())
 
