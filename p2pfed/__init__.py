@@ -6,6 +6,7 @@ data.py       text sources, byte tokenizer, train/val split and per-peer partiti
 model.py      transformers causal LMs built from a config (Llama, GPT-2) or a local directory
 allreduce.py  SwarmAverager: hivemind's matchmaking and state sharing around p2pfed's own all-reduce
 butterfly.py  the all-reduce itself: each member reduces one slice, over libp2p streams or direct TCP; strict
+pieces.py     a reducer's slice, reduced and answered piece by piece as the members' copies arrive
 reductions.py how each compressor's round crosses the butterfly (dense, shared coordinates, sparse, low rank)
 hierarchy.py  cloud-aware all-reduce: inside each cloud, then one delegate per cloud across clouds, then back
 actors/       a peer's actors: Discovery, Trainer, Averager, Monitor and their Supervisor

@@ -6,15 +6,17 @@
 
 Member i splits its flat vector into one part per member (sizes proportional to `shares`; a client-mode member has
 share 0 and reduces nothing), opens one libp2p stream to each other reducer j and writes part j through `codec`. The
-reducer waits for every member's part, takes the weighted mean, compresses it once and writes that one payload back
-on every stream; it decodes the same payload for itself, so all members end with identical values. One stream per
-(sender, reducer) pair carries both directions: a member that can only dial out still takes part.
+reducer takes the weighted mean piece by piece (p2pfed/pieces.py: 1M elements a piece), compresses each piece's
+mean once and writes that one payload back on every stream as soon as every member's copy of the piece is in; it
+decodes the same payloads for itself, so all members end with identical values. One stream per (sender, reducer)
+pair carries both directions: a member that can only dial out still takes part.
 
 Strict by design: a reducer that misses a part replies with an error, and a member that misses any averaged part
 gets `None` back; the caller's vector is never written, so a failed round never touches the model.
 
-Wire format, little-endian. Request: magic "P2PF", tag length u16, tag, sender index u16, weight f64, then a
-payload. Reply: status u8 (0 ok, 1 error), then a payload (ok) or a UTF-8 reason (error), u32 length first. A
+Wire format, little-endian. Request: magic "P2PF", tag length u16, tag, sender index u16, weight f64, then one
+payload per piece (a pull for a broadcast: magic "P2PB", tag, sender, weight 0, seconds to wait f64). Reply, per
+piece: status u8 (0 ok, 1 error), then a payload (ok) or a UTF-8 reason (error), u32 length first. A
 payload is its header-int count u8, the int32 header ints, the data length u64, and the data. Bytes are counted on
 the wire in both directions, per remote peer.
 
@@ -29,13 +31,13 @@ import logging
 import socket
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from hivemind.p2p import P2P, PeerID
 
 from p2pfed.compression import Compressor, Payload
+from p2pfed.pieces import ButterflyStats, PartFailed, Slice, piece_round, piece_sizes
 
 __all__ = ["Butterfly", "ButterflyStats", "Routes", "split_sizes"]
 
@@ -50,27 +52,7 @@ _WAIT = struct.Struct("<d")  # seconds a puller waits for the root
 _MAX_PULL_WAIT = 600.0
 _U8, _U16, _U32, _U64 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 _IO_CHUNK = 1 << 20  # bytes per write/read call; each read has its own deadline
-_PIECE = 1 << 20  # elements per piece of a part: the unit of reduction and reply
 _MAX_PAYLOAD = 1 << 36  # a header claiming more than 64 GiB is not from a p2pfed peer
-
-
-class _Failed(Exception):
-    """A part or reply that did not arrive whole: recorded as the round's reason, never raised to the caller."""
-
-
-@dataclass(slots=True)
-class ButterflyStats:
-    """What one all-reduce moved: payload plus framing bytes, per remote peer (base58 id) for bytes sent."""
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    sent_by_peer: dict[str, int] = field(default_factory=dict)
-    reason: str = ""
-    seconds: float = 0.0  # wall time of the round's all-reduces (set by the averager)
-
-    def add_sent(self, peer: str, n: int) -> None:
-        self.bytes_sent += n
-        self.sent_by_peer[peer] = self.sent_by_peer.get(peer, 0) + n
 
 
 def split_sizes(numel: int, shares: Sequence[float]) -> list[int]:
@@ -85,101 +67,12 @@ def split_sizes(numel: int, shares: Sequence[float]) -> list[int]:
     return sizes
 
 
-def _piece_sizes(size: int) -> list[int]:
-    """A part travels and is reduced in pieces of at most _PIECE elements, so replies start before it all arrived."""
-    return [min(_PIECE, size - start) for start in range(0, size, _PIECE)]
-
-
-def _piece_round(round: int, index: int) -> int:
-    """The codec's round for one piece: distinct pieces draw distinct rounding noise."""
-    return (round * 4099 + index) % (1 << 62)
-
-
-class _Slice:
-    """The part this peer reduces in one all-reduce, piece by piece: the weighted sums so far, and the one reply per
-    piece that every sender gets as soon as every sender's copy of that piece has arrived."""
-
-    def __init__(
-        self,
-        *,
-        peers: Sequence[PeerID],
-        senders: int,
-        size: int,
-        codec: Compressor,
-        round: int,
-        stats: ButterflyStats,
-        replies: int | None = None,
-    ) -> None:
-        self.peers, self.senders, self.codec, self.round, self.stats = peers, senders, codec, round, stats
-        self.replies = senders - 1 if replies is None else replies  # streams that wait for this slice's mean
-        self.sizes = _piece_sizes(size)
-        self.totals: list[torch.Tensor | None] = [None] * len(self.sizes)  # (piece,) fp32, sums of weight * piece
-        self.weights = [0.0] * len(self.sizes)
-        self.seen: list[set[int]] = [set() for _ in self.sizes]
-        self.ready = [asyncio.Event() for _ in self.sizes]
-        self.reply: list[Payload | None] = [None] * len(self.sizes)
-        self.reduced = 0
-        self.done = asyncio.Event()  # every piece reduced, or the slice failed
-        self.error = ""
-        self.replied = 0  # senders that got every piece back
-        self.all_replied = asyncio.Event()
-
-    def add(self, sender: int, index: int, weight: float, piece: torch.Tensor) -> None:
-        if sender in self.seen[index]:
-            raise _Failed(f"member {sender} sent piece {index} twice")
-        self.seen[index].add(sender)
-        total = self.totals[index]
-        self.totals[index] = piece * weight if total is None else total.add_(piece, alpha=weight)
-        self.weights[index] += weight
-        if len(self.seen[index]) == self.senders:
-            self._finish(index)
-
-    def add_all(self, sender: int, weight: float, part: torch.Tensor) -> None:
-        for index, piece in enumerate(part.split(self.sizes)):
-            self.add(sender, index, weight, piece)
-
-    def fail(self, reason: str) -> None:
-        if not self.done.is_set():
-            self.error = reason
-            for event in self.ready:
-                event.set()
-            self.done.set()
-
-    async def piece(self, index: int) -> Payload:
-        await self.ready[index].wait()
-        payload = self.reply[index]
-        if payload is None:
-            raise _Failed(self.error or "slice failed")
-        return payload
-
-    def _finish(self, index: int) -> None:
-        total = self.totals[index]
-        assert total is not None
-        weight = self.weights[index]
-        mean = total / weight if weight > 0 else torch.zeros_like(total)
-        self.reply[index] = self.codec.compress(mean, round=_piece_round(self.round, index))
-        self.totals[index] = None  # the reply is all that is needed from here on
-        self.ready[index].set()
-        self.reduced += 1
-        if self.reduced == len(self.sizes):
-            self.done.set()
-
-    def decoded(self) -> torch.Tensor:
-        """This slice's mean as every member decodes it, from the replies."""
-        pieces = []
-        for index, (payload, size) in enumerate(zip(self.reply, self.sizes, strict=True)):
-            if payload is None:
-                raise _Failed(f"this peer's slice failed: {self.error}")
-            pieces.append(self.codec.decompress(payload, numel=size, round=_piece_round(self.round, index)))
-        return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
-
-
 class Butterfly:
     """Runs this peer's all-reduces and serves its slices. One per process, on the process's event loop."""
 
     def __init__(self, p2p: P2P, *, name: str, chunk_timeout: float = 10.0) -> None:
         self.p2p, self.name, self.chunk_timeout = p2p, name, chunk_timeout
-        self._slices: dict[bytes, asyncio.Future[_Slice]] = {}
+        self._slices: dict[bytes, asyncio.Future[Slice]] = {}
         self._tcp: asyncio.AbstractServer | None = None
 
     async def serve(self) -> None:
@@ -212,7 +105,7 @@ class Butterfly:
         sizes = split_sizes(vector.numel(), shares)
         parts = list(vector.split(sizes))
         piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
-        mine = _Slice(peers=peers, senders=len(peers), size=sizes[me], codec=codec, round=round, stats=stats)
+        mine = Slice(peers=peers, senders=len(peers), size=sizes[me], codec=codec, round=round, stats=stats)
         if sizes[me] > 0:
             if not piece.done():
                 piece.set_result(mine)
@@ -230,7 +123,7 @@ class Butterfly:
             ]
             results = await asyncio.wait_for(asyncio.gather(*exchanges, return_exceptions=True), timeout)
         except asyncio.TimeoutError:
-            results = [_Failed(f"all-reduce did not finish within {timeout:.0f}s")]
+            results = [PartFailed(f"all-reduce did not finish within {timeout:.0f}s")]
         finally:
             mine.fail("the all-reduce ended")  # a sender still waiting on this peer's slice gets a clear reply
             self._slices.pop(tag, None)
@@ -241,7 +134,7 @@ class Butterfly:
                 pass  # a sender that stopped reading only shortens the count
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            unexpected = [f for f in failures if not isinstance(f, _Failed | OSError | asyncio.TimeoutError)]
+            unexpected = [f for f in failures if not isinstance(f, PartFailed | OSError | asyncio.TimeoutError)]
             if unexpected:
                 raise unexpected[0]
             stats.reason = str(failures[0]) or type(failures[0]).__name__
@@ -273,11 +166,11 @@ class Butterfly:
                     routes=routes,
                 )  # fmt: skip
                 return await asyncio.wait_for(pull, timeout), stats
-            except (_Failed, OSError, asyncio.TimeoutError) as e:
+            except (PartFailed, OSError, asyncio.TimeoutError) as e:
                 stats.reason = str(e) or f"no broadcast within {timeout:.0f}s"
                 return None, stats
         piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
-        mine = _Slice(peers=peers, senders=1, size=numel, codec=codec, round=round, stats=stats, replies=len(peers) - 1)
+        mine = Slice(peers=peers, senders=1, size=numel, codec=codec, round=round, stats=stats, replies=len(peers) - 1)
         if vector is None:
             mine.fail("the broadcast's root has no result to send")
         else:
@@ -297,7 +190,7 @@ class Butterfly:
         finally:
             self._slices.pop(tag, None)
 
-    async def _own(self, mine: _Slice, size: int) -> torch.Tensor:
+    async def _own(self, mine: Slice, size: int) -> torch.Tensor:
         if size == 0:
             return torch.zeros(0)
         await mine.done.wait()
@@ -324,8 +217,8 @@ class Butterfly:
         try:
             reader, writer = await asyncio.wait_for(self._open(peer, routes), self.chunk_timeout)
         except Exception as e:
-            raise _Failed(f"could not open a stream to {remote[-6:]}: {e!r}") from None
-        sizes = _piece_sizes(numel if part is None else part.numel())
+            raise PartFailed(f"could not open a stream to {remote[-6:]}: {e!r}") from None
+        sizes = piece_sizes(numel if part is None else part.numel())
 
         async def send() -> None:
             if part is None:
@@ -336,7 +229,7 @@ class Butterfly:
                 return
             prefix = _MAGIC + _U16.pack(len(tag)) + tag + _REQUEST.pack(me, weight)
             for index, piece in enumerate(part.split(sizes)):
-                payload = codec.compress(piece, round=_piece_round(round, index))
+                payload = codec.compress(piece, round=piece_round(round, index))
                 stats.add_sent(remote, await self._write(writer, prefix if index == 0 else b"", payload))
 
         async def receive() -> torch.Tensor:
@@ -347,13 +240,13 @@ class Butterfly:
                     stats.bytes_received += 1
                     reason = await self._read_blob(reader, limit=1 << 16)
                     stats.bytes_received += 4 + len(reason)
-                    raise _Failed(f"reducer {remote[-6:]} failed: {reason.decode(errors='replace')}")
+                    raise PartFailed(f"reducer {remote[-6:]} failed: {reason.decode(errors='replace')}")
                 payload, n = await self._read_payload(reader)
                 stats.bytes_received += 1 + n
                 try:
-                    pieces.append(codec.decompress(payload, numel=size, round=_piece_round(round, index)))
+                    pieces.append(codec.decompress(payload, numel=size, round=piece_round(round, index)))
                 except ValueError as e:
-                    raise _Failed(f"bad reply from {remote[-6:]}: {e}") from None
+                    raise PartFailed(f"bad reply from {remote[-6:]}: {e}") from None
             return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
 
         sending = asyncio.ensure_future(send())  # replies to early pieces arrive while later ones still go out
@@ -394,15 +287,15 @@ class Butterfly:
             except asyncio.TimeoutError:
                 if not piece.done():
                     self._slices.pop(tag, None)
-                raise _Failed("this peer never started that all-reduce") from None
+                raise PartFailed("this peer never started that all-reduce") from None
             reading: asyncio.Future[None] | None = None
             if kind == _PULL:
                 mine.stats.bytes_received += 4 + _U16.size + tag_len + _REQUEST.size + _WAIT.size
             else:
                 if mine.error:
-                    raise _Failed(mine.error)
+                    raise PartFailed(mine.error)
                 if not (0 <= sender < mine.senders) or not weight >= 0.0:
-                    raise _Failed(f"bad request: sender {sender}, weight {weight}")
+                    raise PartFailed(f"bad request: sender {sender}, weight {weight}")
                 mine.stats.bytes_received += 4 + _U16.size + tag_len + _REQUEST.size
                 reading = asyncio.ensure_future(self._read_parts(reader, mine, sender, weight))
                 reading.add_done_callback(_retrieve)
@@ -420,7 +313,7 @@ class Butterfly:
             if mine.replied == mine.replies:
                 mine.all_replied.set()
             await self._linger(reader)
-        except (_Failed, asyncio.TimeoutError, OSError, asyncio.IncompleteReadError, struct.error) as e:
+        except (PartFailed, asyncio.TimeoutError, OSError, asyncio.IncompleteReadError, struct.error) as e:
             reason = str(e) or type(e).__name__
             logger.debug("part not reduced: %s", reason)
             try:
@@ -432,7 +325,7 @@ class Butterfly:
         finally:
             writer.close()
 
-    async def _read_parts(self, reader: asyncio.StreamReader, mine: _Slice, sender: int, weight: float) -> None:
+    async def _read_parts(self, reader: asyncio.StreamReader, mine: Slice, sender: int, weight: float) -> None:
         """Read one sender's part piece by piece into the slice; a piece that does not arrive whole fails the slice
         for every sender (the round must not commit without it)."""
         try:
@@ -440,13 +333,13 @@ class Butterfly:
                 payload, n = await self._read_payload(reader)
                 mine.stats.bytes_received += n
                 try:
-                    piece = mine.codec.decompress(payload, numel=size, round=_piece_round(mine.round, index))
+                    piece = mine.codec.decompress(payload, numel=size, round=piece_round(mine.round, index))
                 except ValueError as e:
-                    raise _Failed(f"bad part from member {sender}: {e}") from None
+                    raise PartFailed(f"bad part from member {sender}: {e}") from None
                 mine.add(sender, index, weight, piece)
-        except (_Failed, asyncio.TimeoutError, OSError, asyncio.IncompleteReadError, struct.error) as e:
+        except (PartFailed, asyncio.TimeoutError, OSError, asyncio.IncompleteReadError, struct.error) as e:
             mine.fail(f"member {sender}'s part: {e}")
-            raise _Failed(mine.error) from None
+            raise PartFailed(mine.error) from None
 
     async def _linger(self, reader: asyncio.StreamReader) -> None:
         """Keep the stream open until the other side closes it: p2pd may reset a stream whose local end closes
@@ -471,14 +364,14 @@ class Butterfly:
         try:
             return await asyncio.wait_for(reader.readexactly(n), self.chunk_timeout)
         except asyncio.IncompleteReadError:
-            raise _Failed("the stream closed early") from None
+            raise PartFailed("the stream closed early") from None
         except asyncio.TimeoutError:
-            raise _Failed(f"no data for {self.chunk_timeout:.0f}s") from None
+            raise PartFailed(f"no data for {self.chunk_timeout:.0f}s") from None
 
     async def _read_blob(self, reader: asyncio.StreamReader, *, limit: int) -> bytes:
         (n,) = _U32.unpack(await self._read(reader, _U32.size))
         if n > limit:
-            raise _Failed(f"a message of {n} bytes is over the limit of {limit}")
+            raise PartFailed(f"a message of {n} bytes is over the limit of {limit}")
         return await self._read(reader, n)
 
     async def _read_payload(self, reader: asyncio.StreamReader) -> tuple[Payload, int]:
@@ -487,7 +380,7 @@ class Butterfly:
         header = struct.unpack(f"<{count}i", await self._read(reader, 4 * count))
         (n,) = _U64.unpack(await self._read(reader, _U64.size))
         if n > _MAX_PAYLOAD:
-            raise _Failed(f"a payload of {n} bytes is over the limit")
+            raise PartFailed(f"a payload of {n} bytes is over the limit")
         data = bytearray(n)
         view, pos = memoryview(data), 0
         while pos < n:
@@ -500,9 +393,9 @@ class Butterfly:
         try:
             chunk = await asyncio.wait_for(reader.read(n), self.chunk_timeout)
         except asyncio.TimeoutError:
-            raise _Failed(f"no data for {self.chunk_timeout:.0f}s") from None
+            raise PartFailed(f"no data for {self.chunk_timeout:.0f}s") from None
         if not chunk:
-            raise _Failed("the stream closed early")
+            raise PartFailed("the stream closed early")
         return chunk
 
 

@@ -17,7 +17,7 @@ import torch
 from hivemind.p2p import P2P
 from torch.testing import assert_close
 
-from p2pfed import butterfly as butterfly_module
+from p2pfed import pieces as pieces_module
 from p2pfed.butterfly import Butterfly, split_sizes
 from p2pfed.compression import Compressor, Fp16, Fp32, PowerSGD, RandomK, Uint8
 from p2pfed.config import CompressionConfig
@@ -149,7 +149,7 @@ def test_direct_tcp_routes_give_the_same_mean_without_the_p2p_daemon() -> None:
 
 def test_parts_travel_in_pieces_and_a_failed_piece_fails_the_round(monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: pieces of 1,000 elements, so each part of ~3,300 goes as 4 pieces, replies interleaved with sends
-    monkeypatch.setattr(butterfly_module, "_PIECE", 1000)
+    monkeypatch.setattr(pieces_module, "PIECE", 1000)
 
     async def main() -> None:
         async with _members(3) as butterflies:

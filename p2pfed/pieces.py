@@ -1,0 +1,133 @@
+"""A reducer's slice of one all-reduce, reduced piece by piece, and what an all-reduce reports.
+
+    mine = Slice(peers=peers, senders=3, size=n, codec=Fp32(), round=r, stats=ButterflyStats())
+    mine.add_all(me, weight, my_part)              # this peer's own copy
+    mine.add(sender, index, weight, piece)         # a piece from another member, as it arrives
+    payload = await mine.piece(index)              # that piece's mean, compressed once, for every sender
+
+A part is cut into pieces of at most PIECE elements; a piece's mean is ready the moment every member's copy of it
+has arrived, so a reducer starts replying before the whole part is in. Used by p2pfed/butterfly.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.p2p import PeerID
+
+from p2pfed.compression import Compressor, Payload
+
+__all__ = ["PIECE", "ButterflyStats", "PartFailed", "Slice", "piece_round", "piece_sizes"]
+
+PIECE = 1 << 20  # elements per piece of a part: the unit of reduction and reply
+
+
+class PartFailed(Exception):
+    """A part or reply that did not arrive whole: recorded as the round's reason, never raised to the caller."""
+
+
+@dataclass(slots=True)
+class ButterflyStats:
+    """What one all-reduce moved: payload plus framing bytes, per remote peer (base58 id) for bytes sent."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    sent_by_peer: dict[str, int] = field(default_factory=dict)
+    reason: str = ""
+    seconds: float = 0.0  # wall time of the round's all-reduces (set by the averager)
+
+    def add_sent(self, peer: str, n: int) -> None:
+        self.bytes_sent += n
+        self.sent_by_peer[peer] = self.sent_by_peer.get(peer, 0) + n
+
+
+def piece_sizes(size: int) -> list[int]:
+    """A part travels and is reduced in pieces of at most PIECE elements, so replies start before it all arrived."""
+    return [min(PIECE, size - start) for start in range(0, size, PIECE)]
+
+
+def piece_round(round: int, index: int) -> int:
+    """The codec's round for one piece: distinct pieces draw distinct rounding noise."""
+    return (round * 4099 + index) % (1 << 62)
+
+
+class Slice:
+    """The part this peer reduces in one all-reduce, piece by piece: the weighted sums so far, and the one reply per
+    piece that every sender gets as soon as every sender's copy of that piece has arrived."""
+
+    def __init__(
+        self,
+        *,
+        peers: Sequence[PeerID],
+        senders: int,
+        size: int,
+        codec: Compressor,
+        round: int,
+        stats: ButterflyStats,
+        replies: int | None = None,
+    ) -> None:
+        self.peers, self.senders, self.codec, self.round, self.stats = peers, senders, codec, round, stats
+        self.replies = senders - 1 if replies is None else replies  # streams that wait for this slice's mean
+        self.sizes = piece_sizes(size)
+        self.totals: list[torch.Tensor | None] = [None] * len(self.sizes)  # (piece,) fp32, sums of weight * piece
+        self.weights = [0.0] * len(self.sizes)
+        self.seen: list[set[int]] = [set() for _ in self.sizes]
+        self.ready = [asyncio.Event() for _ in self.sizes]
+        self.reply: list[Payload | None] = [None] * len(self.sizes)
+        self.reduced = 0
+        self.done = asyncio.Event()  # every piece reduced, or the slice failed
+        self.error = ""
+        self.replied = 0  # senders that got every piece back
+        self.all_replied = asyncio.Event()
+
+    def add(self, sender: int, index: int, weight: float, piece: torch.Tensor) -> None:
+        if sender in self.seen[index]:
+            raise PartFailed(f"member {sender} sent piece {index} twice")
+        self.seen[index].add(sender)
+        total = self.totals[index]
+        self.totals[index] = piece * weight if total is None else total.add_(piece, alpha=weight)
+        self.weights[index] += weight
+        if len(self.seen[index]) == self.senders:
+            self._finish(index)
+
+    def add_all(self, sender: int, weight: float, part: torch.Tensor) -> None:
+        for index, piece in enumerate(part.split(self.sizes)):
+            self.add(sender, index, weight, piece)
+
+    def fail(self, reason: str) -> None:
+        if not self.done.is_set():
+            self.error = reason
+            for event in self.ready:
+                event.set()
+            self.done.set()
+
+    async def piece(self, index: int) -> Payload:
+        await self.ready[index].wait()
+        payload = self.reply[index]
+        if payload is None:
+            raise PartFailed(self.error or "slice failed")
+        return payload
+
+    def _finish(self, index: int) -> None:
+        total = self.totals[index]
+        assert total is not None
+        weight = self.weights[index]
+        mean = total / weight if weight > 0 else torch.zeros_like(total)
+        self.reply[index] = self.codec.compress(mean, round=piece_round(self.round, index))
+        self.totals[index] = None  # the reply is all that is needed from here on
+        self.ready[index].set()
+        self.reduced += 1
+        if self.reduced == len(self.sizes):
+            self.done.set()
+
+    def decoded(self) -> torch.Tensor:
+        """This slice's mean as every member decodes it, from the replies."""
+        pieces = []
+        for index, (payload, size) in enumerate(zip(self.reply, self.sizes, strict=True)):
+            if payload is None:
+                raise PartFailed(f"this peer's slice failed: {self.error}")
+            pieces.append(self.codec.decompress(payload, numel=size, round=piece_round(self.round, index)))
+        return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
