@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Launcher, wait_no_leftovers
+from tests.conftest import TINY, Launcher, wait_no_leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -50,4 +50,30 @@ def test_bench_comm_json(launcher: Launcher, tmp_path: Path) -> None:
     # One uint8 round per 5 steps against ten fp32 rounds: about 4 * 5 = 20x, less the per-chunk scales and framing.
     assert 12 < result["reduction"] < 21
     assert result["eval_loss"] > 0 and result["baseline_eval_loss"] > 0
+    assert wait_no_leftovers(launcher) == []
+
+
+def test_hivemind_reference_peers_train_together(launcher: Launcher, tmp_path: Path) -> None:
+    # Prepare: the reference that `bench wan --runner hivemind` runs, here two peers on loopback
+    def args(i: int, extra: list[str]) -> list[str]:
+        return [
+            "--config", TINY, "--listen", "/ip4/127.0.0.1/tcp/0", "--index", str(i), "--peers", "2",
+            "--max-steps", "3", "--report", str(tmp_path / f"hm{i}.json"), *extra,
+        ]  # fmt: skip
+
+    # Execute
+    first = launcher.start(*args(0, []), name="hm0", module="p2pfed.bench.hivemind_peer")
+    second = launcher.start(
+        *args(1, ["--initial-peers", first.bootstrap()]), name="hm1", module="p2pfed.bench.hivemind_peer"
+    )
+
+    # Assert: both reached 3 optimizer steps of the swarm (hivemind epochs) and learned something
+    for peer in (first, second):
+        assert peer.wait(timeout=180) == 0, peer.stderr()[-3000:]
+    for i in range(2):
+        report = json.loads((tmp_path / f"hm{i}.json").read_text())
+        assert report["epochs"] >= 3 and report["steps"] >= 3
+        assert report["eval_loss"] < report["initial_eval_loss"]
+    progress = [json.loads(line) for line in first.stdout().splitlines() if line.startswith('{"kind": "progress"')]
+    assert progress and all("eval_loss" in p for p in progress)
     assert wait_no_leftovers(launcher) == []
