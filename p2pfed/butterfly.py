@@ -121,7 +121,9 @@ class Butterfly:
                 else self._own(mine, sizes[j])
                 for j in range(len(peers))
             ]
-            results = await asyncio.wait_for(asyncio.gather(*exchanges, return_exceptions=True), timeout)
+            gathering = asyncio.gather(*exchanges, return_exceptions=True)
+            gathering.add_done_callback(_retrieve)  # a cancelled round must not log "exception never retrieved"
+            results = await asyncio.wait_for(gathering, timeout)
         except asyncio.TimeoutError:
             results = [PartFailed(f"all-reduce did not finish within {timeout:.0f}s")]
         finally:
