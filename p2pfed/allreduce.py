@@ -129,6 +129,7 @@ class SwarmAverager(DecentralizedAverager):
         gathered = self._gathered(group_info)
         members = _members(group_info, gathered, shares, weight) if self._hierarchical else None
         routes = _routes(group_info, gathered)
+        seed = round_seed(group_id)  # the same on every member: shared-seed compressors draw alike
 
         async def allreduce(vector: torch.Tensor, codec: Compressor, phase: str) -> torch.Tensor | None:
             tag, timeout = group_id + phase.encode(), self._allreduce_timeout or 60.0
@@ -140,7 +141,7 @@ class SwarmAverager(DecentralizedAverager):
                     me,
                     vector.reshape(-1),
                     codec=codec,
-                    round=round_seed(group_id),
+                    round=seed,
                     timeout=timeout,
                     routes=routes,
                 )
@@ -153,21 +154,17 @@ class SwarmAverager(DecentralizedAverager):
                     weight=weight,
                     shares=shares,
                     codec=codec,
-                    round=round_seed(group_id),
+                    round=seed,
                     timeout=timeout,
                     routes=routes,
                 )
-            stats.bytes_sent += phase_stats.bytes_sent
-            stats.bytes_received += phase_stats.bytes_received
-            for peer, n in phase_stats.sent_by_peer.items():
-                stats.sent_by_peer[peer] = stats.sent_by_peer.get(peer, 0) + n
-            stats.reason = stats.reason or phase_stats.reason
+            stats.merge(phase_stats)
             return mean
 
         (buffer,) = tensors
         t0 = time.perf_counter()
         try:
-            mean = await self._reduction.run(buffer.reshape(-1), allreduce, round=round_seed(group_id))
+            mean = await self._reduction.run(buffer.reshape(-1), allreduce, round=seed)
         finally:
             stats.seconds = time.perf_counter() - t0
             self._counters.sent.value += stats.bytes_sent

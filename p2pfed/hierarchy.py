@@ -47,14 +47,6 @@ def delegates(members: Sequence[Member]) -> dict[str, int]:
     return out
 
 
-def _add(total: ButterflyStats, part: ButterflyStats) -> None:
-    total.bytes_sent += part.bytes_sent
-    total.bytes_received += part.bytes_received
-    for peer, n in part.sent_by_peer.items():
-        total.sent_by_peer[peer] = total.sent_by_peer.get(peer, 0) + n
-    total.reason = total.reason or part.reason
-
-
 async def hierarchical_allreduce(
     butterfly: Butterfly,
     tag: bytes,
@@ -90,7 +82,7 @@ async def hierarchical_allreduce(
             timeout=timeout,
             routes=routes,
         )
-        _add(stats, part)
+        stats.merge(part)
 
     # 2. delegates only: the clouds' means across clouds, each weighted by its cloud's samples
     mean = cloud_mean
@@ -108,7 +100,7 @@ async def hierarchical_allreduce(
             timeout=timeout,
             routes=routes,
         )
-        _add(stats, part)
+        stats.merge(part)
 
     # 3. the delegate hands the group's mean to its cloud (or, having failed, the failure)
     if len(local) > 1:
@@ -124,7 +116,7 @@ async def hierarchical_allreduce(
             timeout=timeout,
             routes=routes,
         )
-        _add(stats, part)
+        stats.merge(part)
     if mean is None:
         stats.reason = stats.reason or "a phase of the hierarchical all-reduce failed"
     return mean, stats

@@ -43,6 +43,14 @@ class ButterflyStats:
         self.bytes_sent += n
         self.sent_by_peer[peer] = self.sent_by_peer.get(peer, 0) + n
 
+    def merge(self, other: ButterflyStats) -> None:
+        """Add another all-reduce of the same round (a phase, a cloud's leg); the first failure's reason stays."""
+        self.bytes_sent += other.bytes_sent
+        self.bytes_received += other.bytes_received
+        for peer, n in other.sent_by_peer.items():
+            self.sent_by_peer[peer] = self.sent_by_peer.get(peer, 0) + n
+        self.reason = self.reason or other.reason
+
 
 def piece_sizes(size: int) -> list[int]:
     """A part travels and is reduced in pieces of at most PIECE elements, so replies start before it all arrived."""
