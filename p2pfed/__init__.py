@@ -11,6 +11,7 @@ reductions.py how each compressor's round crosses the butterfly (dense, shared c
 hierarchy.py  cloud-aware all-reduce: inside each cloud, then one delegate per cloud across clouds, then back
 actors/       a peer's actors: Discovery, Trainer, Averager, Monitor and their Supervisor
 peer.py       one peer: wires the actors and runs the round loop
+phases.py     PhaseRounds: what a mode without a per-step barrier does after each phase of local steps
 overlap.py    DiLoCo with overlap: a phase's all-reduce runs while the next phase trains
 gossip.py     gossip: parameter averaging with whichever few peers are ready, no global barrier
 compression/  compressors behind a small ABC (none, fp16, uint8, randomk, topk, powersgd) and error feedback

@@ -11,25 +11,17 @@ group's average is recorded each round, so the shrinking spread can be seen in t
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from p2pfed.actors.messages import FlatParams, GradientsReady, RoundResult, RunRound, SetParams
-from p2pfed.config import Config
+from p2pfed.phases import PhaseRounds
 
 __all__ = ["GossipRounds"]
 
 
-class GossipRounds:
-    def __init__(
-        self,
-        cfg: Config,
-        *,
-        trainer: Any,
-        averager: Any,
-        until_stop: Callable[[Awaitable[Any]], Awaitable[Any]],
-    ) -> None:
-        self.cfg, self.trainer, self.averager, self._until_stop = cfg, trainer, averager, until_stop
+class GossipRounds(PhaseRounds):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.disagreement: list[float] = []  # per committed round: || theta_local - theta_group_average ||_2
         self.misses = 0  # rounds in a row without a partner
 

@@ -8,31 +8,23 @@ The outer update so lands one phase late, and no peer waits for the network betw
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import torch
 
 from p2pfed.actors.messages import ApplyOuter, GradientsReady, RoundResult, RunRound
-from p2pfed.config import Config
+from p2pfed.phases import PhaseRounds
 
 __all__ = ["OverlappedRounds"]
 
 T = TypeVar("T")
 
 
-class OverlappedRounds:
+class OverlappedRounds(PhaseRounds):
     """Holds the round in flight: (pseudo-gradient, the Averager's reply to come)."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        *,
-        trainer: Any,
-        averager: Any,
-        until_stop: Callable[[Awaitable[Any]], Awaitable[Any]],
-    ) -> None:
-        self.cfg, self.trainer, self.averager, self._until_stop = cfg, trainer, averager, until_stop
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.pending: tuple[torch.Tensor, asyncio.Future[RoundResult]] | None = None
 
     async def phase_done(self, step: int, inner: int, grads: GradientsReady, *, alone: bool) -> RoundResult | None:
