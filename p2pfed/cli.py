@@ -369,6 +369,42 @@ def bench_link(
     sys.exit(1 if result["leftovers"] else 0)
 
 
+@bench.command("hivemind-peer", hidden=True)
+@_config_option
+@_set_option
+@click.option("--listen", required=True, help="multiaddr to listen on")
+@click.option("--initial-peers", default=None, help="a reference peer's bootstrap multiaddr")
+@click.option("--index", type=click.IntRange(min=0), required=True, help="this peer's data shard")
+@click.option("--peers", "n_peers", type=click.IntRange(min=1), required=True, help="peers (and shards) in all")
+@click.option("--max-steps", type=click.IntRange(min=1), required=True, help="optimizer steps of the swarm")
+@click.option("--target-batch-size", type=click.IntRange(min=1), default=None, help="default: batch_size x peers")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None)
+@user_errors
+def bench_hivemind_peer(
+    config_path: str,
+    overrides: tuple[str, ...],
+    listen: str,
+    initial_peers: str | None,
+    index: int,
+    n_peers: int,
+    max_steps: int,
+    target_batch_size: int | None,
+    report_path: str | None,
+) -> None:
+    """A hivemind.Optimizer peer on p2pfed's model and data: the reference that `bench wan --runner hivemind` runs."""
+    from pathlib import Path
+
+    from p2pfed.bench.hivemind_peer import run_reference_peer
+
+    report = run_reference_peer(
+        config=config_path, overrides=overrides, listen=listen, initial_peers=initial_peers, index=index,
+        peers=n_peers, max_steps=max_steps, target_batch_size=target_batch_size,
+        emit=click.echo,
+    )  # fmt: skip
+    if report_path:
+        Path(report_path).write_text(json.dumps(report, indent=2))
+
+
 @bench.command("allreduce")
 @click.option("--peers", "n_peers", type=click.IntRange(min=2, max=16), default=3, show_default=True)
 @click.option("--numel", type=click.IntRange(min=1), default=25_000_000, show_default=True, help="fp32 elements")

@@ -64,12 +64,12 @@ def group_members(pgids: set[int]) -> list[int]:
 class PeerProcess:
     """One `p2pfed ...` process in its own session, stdout/stderr captured to files."""
 
-    def __init__(self, args: list[str], workdir: Path, name: str, module: str = "p2pfed") -> None:
+    def __init__(self, args: list[str], workdir: Path, name: str) -> None:
         self.name = name
         self.out_path, self.err_path = workdir / f"{name}.out", workdir / f"{name}.err"
         self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            [sys.executable, "-m", "p2pfed", *args],
             stdout=self._out,
             stderr=self._err,
             stdin=subprocess.DEVNULL,
@@ -139,8 +139,8 @@ class Launcher:
         self.procs: list[PeerProcess] = []
         self.groups: set[int] = set()
 
-    def start(self, *args: str, name: str | None = None, module: str = "p2pfed") -> PeerProcess:
-        proc = PeerProcess(list(args), self.workdir, name or f"proc{len(self.procs)}", module)
+    def start(self, *args: str, name: str | None = None) -> PeerProcess:
+        proc = PeerProcess(list(args), self.workdir, name or f"proc{len(self.procs)}")
         self.procs.append(proc)
         return proc
 

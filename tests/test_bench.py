@@ -57,15 +57,13 @@ def test_hivemind_reference_peers_train_together(launcher: Launcher, tmp_path: P
     # Prepare: the reference that `bench wan --runner hivemind` runs, here two peers on loopback
     def args(i: int, extra: list[str]) -> list[str]:
         return [
-            "--config", TINY, "--listen", "/ip4/127.0.0.1/tcp/0", "--index", str(i), "--peers", "2",
-            "--max-steps", "3", "--report", str(tmp_path / f"hm{i}.json"), *extra,
+            "bench", "hivemind-peer", "--config", TINY, "--listen", "/ip4/127.0.0.1/tcp/0", "--index", str(i),
+            "--peers", "2", "--max-steps", "3", "--report", str(tmp_path / f"hm{i}.json"), *extra,
         ]  # fmt: skip
 
     # Execute
-    first = launcher.start(*args(0, []), name="hm0", module="p2pfed.bench.hivemind_peer")
-    second = launcher.start(
-        *args(1, ["--initial-peers", first.bootstrap()]), name="hm1", module="p2pfed.bench.hivemind_peer"
-    )
+    first = launcher.start(*args(0, []), name="hm0")
+    second = launcher.start(*args(1, ["--initial-peers", first.bootstrap()]), name="hm1")
 
     # Assert: both reached 3 optimizer steps of the swarm (hivemind epochs) and learned something
     for peer in (first, second):

@@ -1,6 +1,6 @@
 """The reference for `p2pfed bench wan --runner hivemind`: a plain `hivemind.Optimizer` peer on p2pfed's model and data.
 
-    python -m p2pfed.bench.hivemind_peer --config configs/tiny.yaml --listen /ip4/10.0.0.1/tcp/0 \
+    p2pfed bench hivemind-peer --config configs/tiny.yaml --listen /ip4/10.0.0.1/tcp/0 \
         --index 0 --peers 3 --max-steps 200 [--initial-peers MADDR] [--target-batch-size 24] [--set k=v ...]
 
 Same model (built from the config with the run's seed), same shard of the same corpus (partition `index` of
@@ -10,35 +10,40 @@ step of every peer, the same global batch as p2pfed's sync mode), all-reduces th
 else is hivemind's default (matchmaking_time 5 s, averaging_timeout 60 s, no compression), except the network
 hygiene p2pfed applies everywhere (listen only on --listen, no NAT traversal).
 
-It prints the same `bootstrap: MADDR` line and `{"kind": "progress", ...}` JSON lines as `p2pfed peer --events
-jsonl`, so the WAN harness reads both alike, and writes a report with steps, compute_s, wall_s and eval_loss.
+The command prints the same `bootstrap: MADDR` line and `{"kind": "progress", ...}` JSON lines as `p2pfed peer
+--events jsonl`, so the WAN harness reads both alike, and writes a report with steps, compute_s, wall_s and
+eval_loss. `run_reference_peer` hands those lines to `emit`; the CLI prints them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from p2pfed.errors import UserError
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--listen", required=True)
-    parser.add_argument("--initial-peers", default=None)
-    parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--peers", type=int, required=True)
-    parser.add_argument("--max-steps", type=int, required=True)
-    parser.add_argument("--target-batch-size", type=int, default=None)
-    parser.add_argument("--report", default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
+__all__ = ["run_reference_peer"]
+
+
+def run_reference_peer(
+    *,
+    config: str,
+    overrides: Sequence[str],
+    listen: str,
+    initial_peers: str | None,
+    index: int,
+    peers: int,
+    max_steps: int,
+    target_batch_size: int | None,
+    emit: Callable[[str], None],
+) -> dict[str, Any]:
+    """Train until the swarm has taken `max_steps` optimizer steps (hivemind epochs); return the peer's report."""
     t_start = time.perf_counter()
 
     import hivemind
@@ -49,29 +54,29 @@ def main() -> None:
     from p2pfed.model import build_model
 
     logging.getLogger("hivemind").setLevel(logging.WARNING)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(config, list(overrides))
     t = cfg.training
     torch.set_num_threads(1)
     corpus = load_corpus(cfg.data, cfg.model, seed=cfg.run.seed)
-    shard = corpus.partition(index=args.index, count=args.peers)
+    shard = corpus.partition(index=index, count=peers)
     model = build_model(cfg.model, vocab_size=corpus.vocab_size, seed=cfg.run.seed)
-    dht = start_dht(initial_peers=[args.initial_peers] if args.initial_peers else [], listen=args.listen)
-    print(f"bootstrap: {dht.get_visible_maddrs()[0]}", flush=True)
-    _wait_for_peers(dht, f"hivemind_{cfg.run.id}_ready", index=args.index, peers=args.peers, timeout=300.0)
+    dht = start_dht(initial_peers=[initial_peers] if initial_peers else [], listen=listen)
+    emit(f"bootstrap: {dht.get_visible_maddrs()[0]}")
+    _wait_for_peers(dht, f"hivemind_{cfg.run.id}_ready", index=index, peers=peers, timeout=300.0)
     opt = hivemind.Optimizer(
         dht=dht,
         run_id=f"hivemind_{cfg.run.id}",
         params=model.parameters(),
         optimizer=partial(torch.optim.AdamW, lr=t.lr, weight_decay=t.weight_decay),
         batch_size_per_step=t.batch_size,
-        target_batch_size=args.target_batch_size or t.batch_size * args.peers,
+        target_batch_size=target_batch_size or t.batch_size * peers,
         verbose=False,
     )
-    generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + args.index)
+    generator = torch.Generator().manual_seed(cfg.run.seed * 7919 + index)
     val = corpus.val[: t.eval_sequences]
     compute_s, eval_loss, step = 0.0, _evaluate(model, val, t.batch_size), 0
     initial_eval = eval_loss
-    while opt.local_epoch < args.max_steps:
+    while opt.local_epoch < max_steps:
         t0 = time.perf_counter()
         batch = shard[torch.randint(len(shard), (t.batch_size,), generator=generator)]  # (B, T)
         model.train()
@@ -86,7 +91,7 @@ def main() -> None:
         if step % t.eval_every == 0:
             eval_loss = _evaluate(model, val, t.batch_size)
         progress = {"kind": "progress", "step": step, "epoch": opt.local_epoch, "loss": loss.item()}
-        print(json.dumps(progress | {"eval_loss": eval_loss}), flush=True)
+        emit(json.dumps(progress | {"eval_loss": eval_loss}))
     eval_loss = _evaluate(model, val, t.batch_size)
     report = {
         "steps": step,
@@ -99,10 +104,9 @@ def main() -> None:
         "rounds_ok": opt.local_epoch,
         "rounds_failed": None,
     }
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=2))
     opt.shutdown()
     dht.shutdown()
+    return report
 
 
 def _wait_for_peers(dht: Any, key: str, *, index: int, peers: int, timeout: float) -> None:
@@ -116,7 +120,7 @@ def _wait_for_peers(dht: Any, key: str, *, index: int, peers: int, timeout: floa
         if found is not None and len(found.value) >= peers:
             return
         time.sleep(0.5)
-    raise SystemExit(f"only some of {peers} peers joined within {timeout:.0f}s")
+    raise UserError(f"only some of {peers} peers joined within {timeout:.0f}s")
 
 
 @torch.no_grad()
@@ -124,7 +128,3 @@ def _evaluate(model: torch.nn.Module, val: torch.Tensor, batch_size: int) -> flo
     model.eval()
     total = sum(model(input_ids=c, labels=c).loss.item() * len(c) for c in val.split(batch_size))
     return total / len(val)
-
-
-if __name__ == "__main__":
-    main()

@@ -17,14 +17,12 @@ send across the same link, for scale.
 from __future__ import annotations
 
 import logging
-import signal
 import statistics
 import time
-from types import FrameType
 from typing import Any
 
 from p2pfed.bench.allreduce import run_p2pfed_side
-from p2pfed.bench.wan import WanNet
+from p2pfed.bench.wan import Interrupts, WanNet
 
 __all__ = ["run_link"]
 
@@ -36,26 +34,20 @@ def run_link(
 ) -> dict[str, Any]:
     net = WanNet(n_peers, rate_mbit)
 
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.monotonic()
-    try:
-        net.build()
-        logger.info("namespaces %s-* on %s.0/24, %g mbit each way", net.prefix, net.subnet, rate_mbit)
-        probe = net.probe_mbit()
-        peers = run_p2pfed_side(
-            n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport,
-            hosts=[net.address(i) for i in range(n_peers)], netns=net.names,
-        )  # fmt: skip
-    finally:
-        for sig in previous:
-            signal.signal(sig, signal.SIG_IGN)
-        net.destroy()
-        left = net.leftovers()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with Interrupts() as interrupts:
+        try:
+            net.build()
+            logger.info("namespaces %s-* on %s.0/24, %g mbit each way", net.prefix, net.subnet, rate_mbit)
+            probe = net.probe_mbit()
+            peers = run_p2pfed_side(
+                n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport,
+                hosts=[net.address(i) for i in range(n_peers)], netns=net.names,
+            )  # fmt: skip
+        finally:
+            interrupts.shield()
+            net.destroy()
+            left = net.leftovers()
     allreduce_s = statistics.median(max(r) for r in zip(*(p["allreduce_times"] for p in peers), strict=True))
     step_s = statistics.median(max(r) for r in zip(*(p["times"] for p in peers), strict=True))
     sent = statistics.mean(statistics.mean(p["bytes_sent"]) for p in peers)

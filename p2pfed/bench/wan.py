@@ -50,7 +50,7 @@ from typing import IO, Any
 
 from p2pfed.errors import UserError
 
-__all__ = ["WanNet", "WanOptions", "run_wan", "tbf_burst_bytes"]
+__all__ = ["Interrupts", "WanNet", "WanOptions", "run_wan", "tbf_burst_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,30 @@ def _sh(cmd: str, check: bool = True) -> str:
     if check and done.returncode != 0:
         raise UserError(f"`{cmd}` failed: {done.stderr.strip()}")
     return done.stdout
+
+
+class Interrupts:
+    """Within the block, SIGINT and SIGTERM raise KeyboardInterrupt; `shield()` ignores them while cleaning up (a
+    second Ctrl+C must not cut the clean-up short); the handlers in place before come back on exit. Set explicitly:
+    a shell starts background jobs with SIGINT ignored, and Python then installs no handler of its own."""
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> Interrupts:
+        self._previous = {sig: signal.signal(sig, _raise_interrupt) for sig in self._SIGNALS}
+        return self
+
+    def shield(self) -> None:
+        for sig in self._SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 class WanNet:
@@ -205,7 +229,7 @@ class WanOptions:
     overrides: list[str] = field(default_factory=list)
     run_dir: str | None = None  # logs, reports and parameters; default: a new temporary directory
     timeout: float = 600.0  # stop the peers after this many seconds
-    runner: str = "p2pfed"  # or "hivemind": the hivemind.Optimizer reference peer (p2pfed/bench/hivemind_peer.py)
+    runner: str = "p2pfed"  # or "hivemind": the hivemind.Optimizer reference peer (`p2pfed bench hivemind-peer`)
     target_loss: float | None = None  # report the time until every peer's eval loss is at or below it
 
     def __post_init__(self) -> None:
@@ -223,7 +247,7 @@ def _start(net: WanNet, i: int, args: WanOptions, run_dir: Path, bootstrap: str 
     cmd = ["ip", "netns", "exec", net.names[i], sys.executable, "-m"]
     listen, report = f"/ip4/{net.address(i)}/tcp/0", str(run_dir / f"peer-{i}.json")
     if args.runner == "hivemind":
-        cmd += ["p2pfed.bench.hivemind_peer", "--config", args.config, "--listen", listen, "--index", str(i)]
+        cmd += ["p2pfed", "bench", "hivemind-peer", "--config", args.config, "--listen", listen, "--index", str(i)]
         cmd += ["--peers", str(n), "--max-steps", str(args.max_steps), "--report", report]
         cmd += [arg for o in args.overrides for arg in ("--set", o)]
     else:
@@ -292,40 +316,33 @@ def run_wan(args: WanOptions) -> dict[str, Any]:
     net, peers, probe_mbit = WanNet(args.peers, args.rate_mbit), [], None
     t_start = time.monotonic()
 
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    # set explicitly: a shell starts background jobs with SIGINT ignored, and Python then installs no handler
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     interrupted = False
-    try:
-        net.build()
-        logger.info("namespaces %s-* on %s.0/24, %g mbit each way", net.prefix, net.subnet, args.rate_mbit)
-        probe_mbit = net.probe_mbit()
-        peers.append(_start(net, 0, args, run_dir, None))
-        deadline = time.monotonic() + BOOTSTRAP_TIMEOUT
-        while peers[0].bootstrap is None:
-            if peers[0].proc.poll() is not None or time.monotonic() > deadline:
-                tail = (run_dir / "peer-0.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
-                raise UserError(f"peer 0 printed no bootstrap address ({tail[0]}); see {run_dir / 'peer-0.log'}")
-            time.sleep(0.1)
-        peers += [_start(net, i, args, run_dir, peers[0].bootstrap) for i in range(1, args.peers)]
-        deadline = t_start + args.timeout
-        while any(p.proc.poll() is None for p in peers) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if time.monotonic() >= deadline:
-            logger.warning("timeout of %.0fs reached: stopping the peers", args.timeout)
-    except KeyboardInterrupt:
-        interrupted = True
-        logger.warning("interrupted: stopping the peers and removing the namespaces")
-    finally:
-        for sig in previous:  # a second Ctrl+C must not cut the clean-up short
-            signal.signal(sig, signal.SIG_IGN)
-        _stop(peers)
-        net.destroy()
-        left = net.leftovers() + [str(pid) for pid in _group_members({p.proc.pid for p in peers})]
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with Interrupts() as interrupts:
+        try:
+            net.build()
+            logger.info("namespaces %s-* on %s.0/24, %g mbit each way", net.prefix, net.subnet, args.rate_mbit)
+            probe_mbit = net.probe_mbit()
+            peers.append(_start(net, 0, args, run_dir, None))
+            deadline = time.monotonic() + BOOTSTRAP_TIMEOUT
+            while peers[0].bootstrap is None:
+                if peers[0].proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (run_dir / "peer-0.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+                    raise UserError(f"peer 0 printed no bootstrap address ({tail[0]}); see {run_dir / 'peer-0.log'}")
+                time.sleep(0.1)
+            peers += [_start(net, i, args, run_dir, peers[0].bootstrap) for i in range(1, args.peers)]
+            deadline = t_start + args.timeout
+            while any(p.proc.poll() is None for p in peers) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            if time.monotonic() >= deadline:
+                logger.warning("timeout of %.0fs reached: stopping the peers", args.timeout)
+        except KeyboardInterrupt:
+            interrupted = True
+            logger.warning("interrupted: stopping the peers and removing the namespaces")
+        finally:
+            interrupts.shield()
+            _stop(peers)
+            net.destroy()
+            left = net.leftovers() + [str(pid) for pid in _group_members({p.proc.pid for p in peers})]
     rows = [_peer_row(p, run_dir, args.rate_mbit) for p in peers]
     util = [r["compute_s"] / r["wall_s"] for r in rows if r.get("wall_s")]
     train = [r["train_compute_s"] / r["train_wall_s"] for r in rows if r.get("train_wall_s")]
