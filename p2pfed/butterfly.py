@@ -33,9 +33,11 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from hivemind.p2p import P2P, PeerID
 
+from p2pfed.channel import Channel, SocketChannel, StreamChannel
 from p2pfed.compression import Compressor, Payload
 from p2pfed.pieces import ButterflyStats, PartFailed, Slice, piece_round, piece_sizes
 
@@ -51,7 +53,6 @@ _REQUEST = struct.Struct("<Hd")  # sender index, weight
 _WAIT = struct.Struct("<d")  # seconds a puller waits for the root
 _MAX_PULL_WAIT = 600.0
 _U8, _U16, _U32, _U64 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
-_IO_CHUNK = 1 << 20  # bytes per write/read call; each read has its own deadline
 _MAX_PAYLOAD = 1 << 36  # a header claiming more than 64 GiB is not from a p2pfed peer
 
 
@@ -73,14 +74,17 @@ class Butterfly:
     def __init__(self, p2p: P2P, *, name: str, chunk_timeout: float = 10.0) -> None:
         self.p2p, self.name, self.chunk_timeout = p2p, name, chunk_timeout
         self._slices: dict[bytes, asyncio.Future[Slice]] = {}
-        self._tcp: asyncio.AbstractServer | None = None
+        self._handlers: set[asyncio.Future[None]] = set()  # streams being served from the TCP listener
+        self._accepting: asyncio.Future[None] | None = None
 
     async def serve(self) -> None:
-        await self.p2p.add_binary_stream_handler(self.name, self._handle)
+        await self.p2p.add_binary_stream_handler(self.name, self._handle_stream)
 
     async def serve_tcp(self, sock: socket.socket) -> None:
-        """Also accept parts on a listening TCP socket (averaging.transport=tcp): no libp2p daemon in the path."""
-        self._tcp = await asyncio.start_server(lambda r, w: self._handle(None, r, w), sock=sock)
+        """Also accept parts on a listening TCP socket (averaging.transport=tcp): no libp2p daemon in the path, and
+        data moves between the kernel and tensors without a stream buffer (p2pfed/channel.py)."""
+        sock.setblocking(False)
+        self._accepting = asyncio.ensure_future(self._accept(sock))
 
     async def allreduce(
         self,
@@ -104,6 +108,8 @@ class Butterfly:
         stats = ButterflyStats()
         sizes = split_sizes(vector.numel(), shares)
         parts = list(vector.split(sizes))
+        out = torch.empty(vector.numel(), dtype=codec.dtype)  # each averaged part is read (or decoded) into its place
+        outs = list(out.split(sizes))
         piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
         mine = Slice(peers=peers, senders=len(peers), size=sizes[me], codec=codec, round=round, stats=stats)
         if sizes[me] > 0:
@@ -115,16 +121,16 @@ class Butterfly:
         try:
             exchanges = [
                 self._exchange(
-                    peers[j], tag, me, weight, parts[j], codec=codec, round=round, stats=stats, routes=routes
+                    peers[j], tag, me, weight, parts[j], outs[j], codec=codec, round=round, stats=stats, routes=routes
                 )
                 if j != me and sizes[j] > 0
-                else self._own(mine, sizes[j])
+                else self._own(mine, outs[j])
                 for j in range(len(peers))
             ]
             gathering = asyncio.gather(*exchanges, return_exceptions=True)
             gathering.add_done_callback(_retrieve)  # a cancelled round must not log "exception never retrieved"
             results = await asyncio.wait_for(gathering, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             results = [PartFailed(f"all-reduce did not finish within {timeout:.0f}s")]
         finally:
             mine.fail("the all-reduce ended")  # a sender still waiting on this peer's slice gets a clear reply
@@ -132,7 +138,7 @@ class Butterfly:
         if sizes[me] > 0 and not mine.error and len(peers) > 1:
             try:  # the round's byte count includes the replies this peer's slice still has to write
                 await asyncio.wait_for(mine.all_replied.wait(), self.chunk_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass  # a sender that stopped reading only shortens the count
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
@@ -141,7 +147,7 @@ class Butterfly:
                 raise unexpected[0]
             stats.reason = str(failures[0]) or type(failures[0]).__name__
             return None, stats
-        return torch.cat([r for r in results if isinstance(r, torch.Tensor)]), stats
+        return out, stats
 
     async def broadcast(
         self,
@@ -162,13 +168,15 @@ class Butterfly:
         pull from the root, so a member that can only dial out still gets it; the root must accept streams."""
         stats = ButterflyStats()
         if me != root:
+            out = torch.empty(numel, dtype=codec.dtype)
             try:
                 pull = self._exchange(
-                    peers[root], tag, me, 0.0, None, codec=codec, round=round, stats=stats, numel=numel, wait=timeout,
+                    peers[root], tag, me, 0.0, None, out, codec=codec, round=round, stats=stats, wait=timeout,
                     routes=routes,
                 )  # fmt: skip
-                return await asyncio.wait_for(pull, timeout), stats
-            except (PartFailed, OSError, asyncio.TimeoutError) as e:
+                await asyncio.wait_for(pull, timeout)
+                return out, stats
+            except (TimeoutError, PartFailed, OSError) as e:
                 stats.reason = str(e) or f"no broadcast within {timeout:.0f}s"
                 return None, stats
         piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
@@ -186,17 +194,16 @@ class Butterfly:
             if len(peers) > 1:
                 try:  # wait for the members to pull, so that their bytes count in this round
                     await asyncio.wait_for(mine.all_replied.wait(), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass  # a member that never pulled fails its own round
-            return mine.decoded(), stats
+            return mine.decode_into(torch.empty(numel, dtype=codec.dtype)), stats
         finally:
             self._slices.pop(tag, None)
 
-    async def _own(self, mine: Slice, size: int) -> torch.Tensor:
-        if size == 0:
-            return torch.zeros(0)
-        await mine.done.wait()
-        return mine.decoded()
+    async def _own(self, mine: Slice, out: torch.Tensor) -> None:
+        if out.numel() > 0:
+            await mine.done.wait()
+            mine.decode_into(out)
 
     async def _exchange(
         self,
@@ -205,88 +212,97 @@ class Butterfly:
         me: int,
         weight: float,
         part: torch.Tensor | None,
+        out: torch.Tensor,
         *,
         codec: Compressor,
         round: int,
         stats: ButterflyStats,
-        numel: int = 0,
         wait: float = 0.0,
         routes: Routes | None = None,
-    ) -> torch.Tensor:
-        """Send `part` to the member that reduces it and read back the averaged part; with part None, read back the
-        `numel` elements that member broadcasts."""
+    ) -> None:
+        """Send `part` to the member that reduces it and read the averaged part back into `out`; with part None, read
+        the vector that member broadcasts into `out`."""
         remote = peer.to_base58()
         try:
-            reader, writer = await asyncio.wait_for(self._open(peer, routes), self.chunk_timeout)
+            channel = await asyncio.wait_for(self._open(peer, routes), self.chunk_timeout)
         except Exception as e:
             raise PartFailed(f"could not open a stream to {remote[-6:]}: {e!r}") from None
-        sizes = piece_sizes(numel if part is None else part.numel())
+        sizes = piece_sizes(out.numel())
 
         async def send() -> None:
             if part is None:
                 request = _PULL + _U16.pack(len(tag)) + tag + _REQUEST.pack(me, 0.0) + _WAIT.pack(wait)
-                writer.write(request)
-                await asyncio.wait_for(writer.drain(), self.chunk_timeout)
+                await channel.send(request)
                 stats.add_sent(remote, len(request))
                 return
             prefix = _MAGIC + _U16.pack(len(tag)) + tag + _REQUEST.pack(me, weight)
             for index, piece in enumerate(part.split(sizes)):
                 payload = codec.compress(piece, round=piece_round(round, index))
-                stats.add_sent(remote, await self._write(writer, prefix if index == 0 else b"", payload))
+                stats.add_sent(remote, await _write(channel, prefix if index == 0 else b"", payload))
 
-        async def receive() -> torch.Tensor:
-            pieces = []
-            for index, size in enumerate(sizes):
-                status = (await self._read(reader, 1))[0]
+        async def receive() -> None:
+            for index, dest in enumerate(out.split(sizes)):
+                status = (await channel.read_exactly(1))[0]
+                stats.bytes_received += 1
                 if status != 0:
-                    stats.bytes_received += 1
-                    reason = await self._read_blob(reader, limit=1 << 16)
+                    reason = await _read_blob(channel, limit=1 << 16)
                     stats.bytes_received += 4 + len(reason)
                     raise PartFailed(f"reducer {remote[-6:]} failed: {reason.decode(errors='replace')}")
-                payload, n = await self._read_payload(reader)
-                stats.bytes_received += 1 + n
                 try:
-                    pieces.append(codec.decompress(payload, numel=size, round=piece_round(round, index)))
+                    _, n = await _read_piece(channel, codec, dest.numel(), piece_round(round, index), into=dest)
                 except ValueError as e:
                     raise PartFailed(f"bad reply from {remote[-6:]}: {e}") from None
-            return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+                stats.bytes_received += n
 
         sending = asyncio.ensure_future(send())  # replies to early pieces arrive while later ones still go out
         sending.add_done_callback(_retrieve)
         try:
-            result = await receive()
+            await receive()
             await sending
-            return result
         finally:
-            sending.cancel()
-            writer.close()
+            await _stop(sending)
+            channel.close()
 
-    async def _open(self, peer: PeerID, routes: Routes | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _open(self, peer: PeerID, routes: Routes | None) -> Channel:
         endpoint = routes.get(peer) if routes else None
         if endpoint is not None:
-            return await asyncio.open_connection(*endpoint)
+            return await SocketChannel.connect(*endpoint, timeout=self.chunk_timeout)
         _, reader, writer = await self.p2p.call_binary_stream_handler(peer, self.name)
-        return reader, writer
+        return StreamChannel(reader, writer, timeout=self.chunk_timeout)
 
-    async def _handle(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as e:  # e.g. out of file descriptors: the senders time out and retry next round
+                logger.warning("averaging.transport tcp: accept failed: %s", e)
+                await asyncio.sleep(0.5)
+                continue
+            handler = asyncio.ensure_future(self._handle(SocketChannel(conn, timeout=self.chunk_timeout)))
+            self._handlers.add(handler)
+            handler.add_done_callback(self._handlers.discard)
+
+    async def _handle_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._handle(StreamChannel(reader, writer, timeout=self.chunk_timeout))
+
+    async def _handle(self, channel: Channel) -> None:
         """Serve one sender: read its part, add it to this peer's slice, reply with the slice's mean."""
         try:
-            kind = await self._read(reader, 4)
+            kind = await channel.read_exactly(4)
             if kind not in (_MAGIC, _PULL):
                 return  # not a p2pfed stream: drop it without a word
-            (tag_len,) = _U16.unpack(await self._read(reader, _U16.size))
-            tag = await self._read(reader, tag_len)
+            (tag_len,) = _U16.unpack(await channel.read_exactly(_U16.size))
+            tag = await channel.read_exactly(tag_len)
             wait = self.chunk_timeout  # the sender may be ahead of this peer by up to the matchmaking lag
-            sender, weight = _REQUEST.unpack(await self._read(reader, _REQUEST.size))
-            if (
-                kind == _PULL
-            ):  # a puller says how long it will wait: the root may first have a slow all-reduce of its own
-                (wait,) = _WAIT.unpack(await self._read(reader, _WAIT.size))
+            sender, weight = _REQUEST.unpack(await channel.read_exactly(_REQUEST.size))
+            if kind == _PULL:  # a puller says how long it waits: the root may first have a slow all-reduce of its own
+                (wait,) = _WAIT.unpack(await channel.read_exactly(_WAIT.size))
                 wait = min(max(wait, 0.0), _MAX_PULL_WAIT)
             piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
             try:
                 mine = await asyncio.wait_for(asyncio.shield(piece), wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if not piece.done():
                     self._slices.pop(tag, None)
                 raise PartFailed("this peer never started that all-reduce") from None
@@ -299,106 +315,95 @@ class Butterfly:
                 if not (0 <= sender < mine.senders) or not weight >= 0.0:
                     raise PartFailed(f"bad request: sender {sender}, weight {weight}")
                 mine.stats.bytes_received += 4 + _U16.size + tag_len + _REQUEST.size
-                reading = asyncio.ensure_future(self._read_parts(reader, mine, sender, weight))
+                reading = asyncio.ensure_future(self._read_parts(channel, mine, sender, weight))
                 reading.add_done_callback(_retrieve)
             try:
                 for index in range(len(mine.sizes)):  # each piece's mean goes back as soon as it is reduced
                     payload = await asyncio.wait_for(mine.piece(index), self.chunk_timeout * 3)
-                    sent = await self._write(writer, b"\x00", payload)
+                    sent = await _write(channel, b"\x00", payload)
                     mine.stats.add_sent(mine.peers[sender].to_base58() if sender < len(mine.peers) else "?", sent)
                 if reading is not None:
                     await reading
             finally:
                 if reading is not None:
-                    reading.cancel()
+                    await _stop(reading)
             mine.replied += 1
             if mine.replied == mine.replies:
                 mine.all_replied.set()
-            await self._linger(reader)
-        except (PartFailed, asyncio.TimeoutError, OSError, asyncio.IncompleteReadError, struct.error) as e:
+            await channel.linger()  # p2pd may drop a reply's last bytes when the reducer's end closes first
+        except (TimeoutError, PartFailed, OSError, struct.error) as e:
             reason = str(e) or type(e).__name__
             logger.debug("part not reduced: %s", reason)
             try:
                 blob = reason.encode()[: 1 << 16]
-                writer.write(b"\x01" + _U32.pack(len(blob)) + blob)
-                await asyncio.wait_for(writer.drain(), self.chunk_timeout)
+                await channel.send(b"\x01" + _U32.pack(len(blob)) + blob)
             except Exception:
                 pass  # the sender is gone; its own read fails and it records the round as failed
         finally:
-            writer.close()
+            channel.close()
 
-    async def _read_parts(self, reader: asyncio.StreamReader, mine: Slice, sender: int, weight: float) -> None:
+    async def _read_parts(self, channel: Channel, mine: Slice, sender: int, weight: float) -> None:
         """Read one sender's part piece by piece into the slice; a piece that does not arrive whole fails the slice
         for every sender (the round must not commit without it)."""
         try:
             for index, size in enumerate(mine.sizes):
-                payload, n = await self._read_payload(reader)
-                mine.stats.bytes_received += n
                 try:
-                    piece = mine.codec.decompress(payload, numel=size, round=piece_round(mine.round, index))
+                    piece, n = await _read_piece(channel, mine.codec, size, piece_round(mine.round, index))
                 except ValueError as e:
                     raise PartFailed(f"bad part from member {sender}: {e}") from None
-                mine.add(sender, index, weight, piece)
-        except (PartFailed, asyncio.TimeoutError, OSError, asyncio.IncompleteReadError, struct.error) as e:
+                mine.stats.bytes_received += n
+                mine.add(sender, index, weight, piece, owned=True)  # decoded from (or read into) a fresh buffer
+        except (TimeoutError, PartFailed, OSError, struct.error) as e:
             mine.fail(f"member {sender}'s part: {e}")
             raise PartFailed(mine.error) from None
 
-    async def _linger(self, reader: asyncio.StreamReader) -> None:
-        """Keep the stream open until the other side closes it: p2pd may reset a stream whose local end closes
-        while the remote end still reads, and the reset can discard the reply's last bytes in flight."""
-        try:
-            await asyncio.wait_for(reader.read(1), self.chunk_timeout)
-        except (asyncio.TimeoutError, OSError):
-            pass
 
-    async def _write(self, writer: asyncio.StreamWriter, prefix: bytes, payload: Payload) -> int:
-        header = _U8.pack(len(payload.header)) + struct.pack(f"<{len(payload.header)}i", *payload.header)
-        head = prefix + header + _U64.pack(len(payload.data))
-        writer.write(head)
-        view = memoryview(payload.data)
-        for start in range(0, len(view), _IO_CHUNK):
-            writer.write(view[start : start + _IO_CHUNK])
-            await asyncio.wait_for(writer.drain(), self.chunk_timeout)
-        await asyncio.wait_for(writer.drain(), self.chunk_timeout)
-        return len(head) + len(view)
+async def _write(channel: Channel, prefix: bytes, payload: Payload) -> int:
+    """Send one payload (after `prefix`); its size on the wire."""
+    header = _U8.pack(len(payload.header)) + struct.pack(f"<{len(payload.header)}i", *payload.header)
+    head = prefix + header + _U64.pack(len(payload.data))
+    await channel.send(head, payload.data)
+    return len(head) + len(payload.data)
 
-    async def _read(self, reader: asyncio.StreamReader, n: int) -> bytes:
-        try:
-            return await asyncio.wait_for(reader.readexactly(n), self.chunk_timeout)
-        except asyncio.IncompleteReadError:
-            raise PartFailed("the stream closed early") from None
-        except asyncio.TimeoutError:
-            raise PartFailed(f"no data for {self.chunk_timeout:.0f}s") from None
 
-    async def _read_blob(self, reader: asyncio.StreamReader, *, limit: int) -> bytes:
-        (n,) = _U32.unpack(await self._read(reader, _U32.size))
-        if n > limit:
-            raise PartFailed(f"a message of {n} bytes is over the limit of {limit}")
-        return await self._read(reader, n)
+async def _read_blob(channel: Channel, *, limit: int) -> bytes:
+    (n,) = _U32.unpack(await channel.read_exactly(_U32.size))
+    if n > limit:
+        raise PartFailed(f"a message of {n} bytes is over the limit of {limit}")
+    return await channel.read_exactly(n)
 
-    async def _read_payload(self, reader: asyncio.StreamReader) -> tuple[Payload, int]:
-        """A payload and its size on the wire. Large data arrives in chunks, each within chunk_timeout."""
-        (count,) = _U8.unpack(await self._read(reader, 1))
-        header = struct.unpack(f"<{count}i", await self._read(reader, 4 * count))
-        (n,) = _U64.unpack(await self._read(reader, _U64.size))
-        if n > _MAX_PAYLOAD:
-            raise PartFailed(f"a payload of {n} bytes is over the limit")
-        data = bytearray(n)
-        view, pos = memoryview(data), 0
-        while pos < n:
-            chunk = await self._read_some(reader, min(_IO_CHUNK, n - pos))
-            view[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
-        return Payload(data, tuple(header)), 1 + 4 * count + _U64.size + n
 
-    async def _read_some(self, reader: asyncio.StreamReader, n: int) -> bytes:
-        try:
-            chunk = await asyncio.wait_for(reader.read(n), self.chunk_timeout)
-        except asyncio.TimeoutError:
-            raise PartFailed(f"no data for {self.chunk_timeout:.0f}s") from None
-        if not chunk:
-            raise PartFailed("the stream closed early")
-        return chunk
+async def _read_piece(
+    channel: Channel, codec: Compressor, size: int, round: int, *, into: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
+    """One piece's (size,) fp32 values, decoded, and its size on the wire; in `into` when given. When the codec's wire
+    form is the fp32 values themselves, they are read straight into their final memory. ValueError: a bad payload."""
+    (count,) = _U8.unpack(await channel.read_exactly(1))
+    header = struct.unpack(f"<{count}i", await channel.read_exactly(4 * count))
+    (n,) = _U64.unpack(await channel.read_exactly(_U64.size))
+    wire = 1 + 4 * count + _U64.size + n
+    if n > _MAX_PAYLOAD:
+        raise PartFailed(f"a payload of {n} bytes is over the limit")
+    if codec.raw and header == (size,) and n == 4 * size:
+        values = torch.empty(size, dtype=codec.dtype) if into is None else into
+        await channel.read_into(_bytes_of(values))
+        return values, wire
+    data = np.empty(n, dtype=np.uint8)  # no zero fill: every byte is overwritten
+    await channel.read_into(memoryview(data))
+    decoded = codec.decompress(Payload(memoryview(data), tuple(header)), numel=size, round=round)
+    return (decoded, wire) if into is None else (into.copy_(decoded), wire)
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The writable bytes of a contiguous fp32 CPU tensor (a view of its memory)."""
+    return memoryview(t.numpy()).cast("B")
+
+
+async def _stop(task: asyncio.Future[Any]) -> None:
+    """Cancel a helper task and wait until it has let go of its channel, so the channel can close under no one."""
+    if not task.done():
+        task.cancel()
+        await asyncio.wait([task])
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

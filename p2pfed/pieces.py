@@ -91,12 +91,12 @@ class Slice:
         self.replied = 0  # senders that got every piece back
         self.all_replied = asyncio.Event()
 
-    def add(self, sender: int, index: int, weight: float, piece: torch.Tensor) -> None:
+    def add(self, sender: int, index: int, weight: float, piece: torch.Tensor, *, owned: bool = False) -> None:
+        """Add one member's copy of piece `index`; `owned`: the slice may keep `piece` and write into it."""
         if sender in self.seen[index]:
             raise PartFailed(f"member {sender} sent piece {index} twice")
         self.seen[index].add(sender)
-        total = self.totals[index]
-        self.totals[index] = piece * weight if total is None else total.add_(piece, alpha=weight)
+        self.totals[index] = self.codec.reduce(self.totals[index], piece, weight, owned=owned)
         self.weights[index] += weight
         if len(self.seen[index]) == self.senders:
             self._finish(index)
@@ -122,8 +122,7 @@ class Slice:
     def _finish(self, index: int) -> None:
         total = self.totals[index]
         assert total is not None
-        weight = self.weights[index]
-        mean = total / weight if weight > 0 else torch.zeros_like(total)
+        mean = self.codec.reduced(total, self.weights[index])  # total is this slice's own buffer
         self.reply[index] = self.codec.compress(mean, round=piece_round(self.round, index))
         self.totals[index] = None  # the reply is all that is needed from here on
         self.ready[index].set()
@@ -131,11 +130,10 @@ class Slice:
         if self.reduced == len(self.sizes):
             self.done.set()
 
-    def decoded(self) -> torch.Tensor:
-        """This slice's mean as every member decodes it, from the replies."""
-        pieces = []
-        for index, (payload, size) in enumerate(zip(self.reply, self.sizes, strict=True)):
+    def decode_into(self, out: torch.Tensor) -> torch.Tensor:
+        """This slice's mean as every member decodes it, from the replies, written into `out` (size,)."""
+        for index, (payload, dest) in enumerate(zip(self.reply, out.split(self.sizes), strict=True)):
             if payload is None:
                 raise PartFailed(f"this peer's slice failed: {self.error}")
-            pieces.append(self.codec.decompress(payload, numel=size, round=piece_round(self.round, index)))
-        return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+            dest.copy_(self.codec.decompress(payload, numel=dest.numel(), round=piece_round(self.round, index)))
+        return out

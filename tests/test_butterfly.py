@@ -110,7 +110,11 @@ def test_dense_allreduce_of_three_members_is_the_weighted_mean_on_every_member(c
     _run(main())
 
 
-def test_direct_tcp_routes_give_the_same_mean_without_the_p2p_daemon() -> None:
+def test_direct_tcp_routes_give_the_same_mean_without_the_p2p_daemon(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: pieces of 10,000 elements, so each part goes as several pieces read straight into the result (fp32)
+    # or decoded into it (uint8)
+    monkeypatch.setattr(pieces_module, "PIECE", 10_000)
+
     async def main() -> None:
         async with _members(3) as butterflies:
             sockets, routes = [], {}
@@ -122,25 +126,29 @@ def test_direct_tcp_routes_give_the_same_mean_without_the_p2p_daemon() -> None:
                 routes[b.p2p.peer_id] = ("127.0.0.1", sock.getsockname()[1])
             vectors, weights = _vectors(3, 100_003), [1.0, 2.0, 3.0]
             peers = [b.p2p.peer_id for b in butterflies]
-            calls = [
-                b.allreduce(
-                    b"tcp-1",
-                    peers,
-                    i,
-                    v,
-                    weight=w,
-                    shares=[1, 1, 1],
-                    codec=Fp32(),
-                    round=1,
-                    timeout=TIMEOUT,
-                    routes=routes,
-                )  # fmt: skip
-                for i, (b, v, w) in enumerate(zip(butterflies, vectors, weights, strict=True))
-            ]
-            results = await asyncio.gather(*calls)
-            for mean, stats in results:
-                assert_close(mean, _weighted_mean(vectors, weights), atol=1e-6, rtol=0)
-                assert stats.bytes_sent > 2 * 4 * 100_003 * 2 // 3 - 100  # a third to each of two reducers, and back
+            for codec, atol, width in ((Fp32(), 1e-6, 4), (Uint8(seed=3), 0.1, 1)):
+                calls = [
+                    b.allreduce(
+                        repr(codec).encode(),
+                        peers,
+                        i,
+                        v,
+                        weight=w,
+                        shares=[1, 1, 1],
+                        codec=codec,
+                        round=1,
+                        timeout=TIMEOUT,
+                        routes=routes,
+                    )  # fmt: skip
+                    for i, (b, v, w) in enumerate(zip(butterflies, vectors, weights, strict=True))
+                ]
+                results = await asyncio.gather(*calls)
+                for mean, stats in results:
+                    assert mean is not None, stats.reason
+                    assert_close(mean, _weighted_mean(vectors, weights), atol=atol, rtol=0)
+                    assert torch.equal(mean, results[0][0])  # type: ignore[arg-type]
+                    # a third to each of two reducers, and back
+                    assert stats.bytes_sent > 2 * width * 100_003 * 2 // 3 - 100
             for sock in sockets:
                 sock.close()
 

@@ -63,7 +63,7 @@ class Actor:
         self._mailbox.put_nowait((msg, reply))
         try:
             return await asyncio.wait_for(asyncio.shield(reply), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TimeoutError(f"{self.name} did not answer {type(msg).__name__} within {timeout:.1f}s") from None
 
     async def _serve(self) -> None:

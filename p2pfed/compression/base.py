@@ -49,6 +49,11 @@ class Compressor(ABC):
     # True when payloads of one round share a basis across peers, so that averaging them equals averaging the
     # decompressed vectors (see LinearCompressor.average).
     linear: bool = False
+    # True when a payload's data is the vector's fp32 values themselves, header (numel,): a receiver may read the
+    # bytes straight into the tensor they belong to.
+    raw: bool = False
+    # What compress takes and decompress returns: fp32 vectors, except for ring elements (compression/ring.py).
+    dtype: ClassVar[torch.dtype] = torch.float32
 
     @abstractmethod
     def compress(self, x: torch.Tensor, *, round: int) -> Payload:
@@ -57,6 +62,17 @@ class Compressor(ABC):
     @abstractmethod
     def decompress(self, payload: Payload, *, numel: int, round: int) -> torch.Tensor:
         """The (numel,) fp32 CPU vector that `payload` stands for; ValueError when the payload does not fit."""
+
+    def reduce(self, total: torch.Tensor | None, piece: torch.Tensor, weight: float, *, owned: bool) -> torch.Tensor:
+        """A reducer's running sum with one more member's decoded piece: weight * piece added. `owned`: the piece's
+        memory may be kept and written."""
+        if total is None:
+            return piece.mul_(weight) if owned else piece * weight
+        return total.add_(piece, alpha=weight)
+
+    def reduced(self, total: torch.Tensor, weight: float) -> torch.Tensor:
+        """The reducer's result from its running sum and the members' total weight (here the weighted mean)."""
+        return total.div_(weight) if weight > 0 else total.zero_()
 
 
 class LinearCompressor(Compressor):

@@ -21,6 +21,8 @@ __all__ = ["Fp32"]
 class Fp32(LinearCompressor):
     """No compression: the k = numel coordinates are the fp32 values themselves."""
 
+    raw = True
+
     def size(self, numel: int) -> int:
         return numel
 
