@@ -10,6 +10,7 @@ touches the model. hivemind keeps its group matchmaking (leaders, group keys in 
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing as mp
 import socket
 import time
@@ -26,7 +27,8 @@ from p2pfed.butterfly import Butterfly, ButterflyStats
 from p2pfed.compression import Compressor, Fp32
 from p2pfed.errors import UserError
 from p2pfed.hierarchy import Member, hierarchical_allreduce
-from p2pfed.reductions import Dense, Reduction, round_seed
+from p2pfed.reductions import AllReduce, Dense, Reduction, round_seed
+from p2pfed.secagg import Group, SecureAggregation
 
 __all__ = ["SwarmAverager", "listen_tcp"]
 
@@ -56,6 +58,7 @@ class SwarmAverager(DecentralizedAverager):
         hierarchical: bool = False,
         tcp_socket: socket.socket | None = None,
         chunk_timeout: float = 10.0,
+        secure: SecureAggregation | None = None,
         **kwargs: Any,
     ) -> None:
         self._counters = _ByteCounters()
@@ -63,6 +66,7 @@ class SwarmAverager(DecentralizedAverager):
         self._reduction = reduction or Dense(Fp32())
         self._chunk_timeout = chunk_timeout
         self._hierarchical = hierarchical
+        self._secure = secure  # masks every all-reduce of a round (p2pfed/secagg.py); members publish "mask_key"
         self._tcp_socket = tcp_socket  # listening; inherited by the averager process, which accepts on it
         self._butterfly: Butterfly | None = None  # made in the averager process, on its event loop
         kwargs.setdefault("state_compression", NoCompression())
@@ -131,7 +135,7 @@ class SwarmAverager(DecentralizedAverager):
         routes = _routes(group_info, gathered)
         seed = round_seed(group_id)  # the same on every member: shared-seed compressors draw alike
 
-        async def allreduce(vector: torch.Tensor, codec: Compressor, phase: str) -> torch.Tensor | None:
+        async def plain_allreduce(vector: torch.Tensor, codec: Compressor, phase: str) -> torch.Tensor | None:
             tag, timeout = group_id + phase.encode(), self._allreduce_timeout or 60.0
             if members is not None:
                 mean, phase_stats = await hierarchical_allreduce(
@@ -160,6 +164,14 @@ class SwarmAverager(DecentralizedAverager):
                 )
             stats.merge(phase_stats)
             return mean
+
+        allreduce: AllReduce = plain_allreduce
+        if self._secure is not None:
+            group = _mask_group(group_info, gathered, me, group_id)
+            if isinstance(group, str):
+                stats.reason = group
+                return
+            allreduce = functools.partial(self._secure.allreduce, inner=plain_allreduce, group=group)
 
         (buffer,) = tensors
         t0 = time.perf_counter()
@@ -197,6 +209,17 @@ def _members(
         Member(peer, str(info.get("cloud", "")), float(info.get("weight", weight)), float(share))
         for peer, info, share in zip(group_info.peer_ids, gathered, shares, strict=True)
     ]
+
+
+def _mask_group(group_info: GroupInfo, gathered: Sequence[dict[str, Any]], me: int, group_id: bytes) -> Group | str:
+    """The group as secure aggregation needs it, or the reason it cannot mask (a member published no mask key)."""
+    publics = []
+    for peer, info in zip(group_info.peer_ids, gathered, strict=True):
+        key = info.get("mask_key")
+        if not isinstance(key, bytes) or len(key) != 32:
+            return f"member {peer.to_base58()[-6:]} has no mask key (privacy.secure_aggregation off there?)"
+        publics.append(key)
+    return Group(peers=[p.to_bytes() for p in group_info.peer_ids], publics=publics, me=me, tag=group_id)
 
 
 def _routes(group_info: GroupInfo, gathered: Sequence[dict[str, Any]]) -> dict[PeerID, tuple[str, int]]:

@@ -389,14 +389,14 @@ async def _read_piece(
         await channel.read_into(_bytes_of(values))
         return values, wire
     data = np.empty(n, dtype=np.uint8)  # no zero fill: every byte is overwritten
-    await channel.read_into(memoryview(data))
-    decoded = codec.decompress(Payload(memoryview(data), tuple(header)), numel=size, round=round)
+    await channel.read_into(data.data)
+    decoded = codec.decompress(Payload(data.data, tuple(header)), numel=size, round=round)
     return (decoded, wire) if into is None else (into.copy_(decoded), wire)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """The writable bytes of a contiguous fp32 CPU tensor (a view of its memory)."""
-    return memoryview(t.numpy()).cast("B")
+    return t.numpy().data.cast("B")
 
 
 async def _stop(task: asyncio.Future[Any]) -> None:

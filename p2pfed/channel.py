@@ -34,7 +34,7 @@ class Channel(ABC):
         """Fill `view` (writable, bytes) from the stream."""
 
     @abstractmethod
-    async def send(self, *chunks: bytes | memoryview) -> None:
+    async def send(self, *chunks: bytes | bytearray | memoryview) -> None:
         """Write the chunks in order and wait until the stream has taken them."""
 
     @abstractmethod
@@ -77,7 +77,7 @@ class StreamChannel(Channel):
             view[pos : pos + len(chunk)] = chunk
             pos += len(chunk)
 
-    async def send(self, *chunks: bytes | memoryview) -> None:
+    async def send(self, *chunks: bytes | bytearray | memoryview) -> None:
         for chunk in chunks:
             view = memoryview(chunk)
             for start in range(0, len(view), IO_CHUNK):
@@ -130,7 +130,7 @@ class SocketChannel(Channel):
                 raise PartFailed("the stream closed early")
             pos += n
 
-    async def send(self, *chunks: bytes | memoryview) -> None:
+    async def send(self, *chunks: bytes | bytearray | memoryview) -> None:
         for chunk in chunks:
             view = memoryview(chunk).cast("B")
             for start in range(0, len(view), IO_CHUNK):

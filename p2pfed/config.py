@@ -22,6 +22,7 @@ __all__ = [
     "Config",
     "DataConfig",
     "ModelConfig",
+    "PrivacyConfig",
     "Profile",
     "RunConfig",
     "SwarmConfig",
@@ -161,6 +162,15 @@ class AveragingConfig(_Section):
         return self
 
 
+class PrivacyConfig(_Section):
+    secure_aggregation: bool = Field(
+        False,
+        description="mask each update with pairwise X25519/ChaCha20 masks in a fixed-point ring, so a peer that "
+        "reduces a slice sees noise; the group's mean is exact. Works with compression none, fp16, uint8, randomk "
+        "and powersgd",
+    )
+
+
 class SwarmConfig(_Section):
     min_peers: int = Field(1, ge=1, description="peers that must be live before the first step")
     join_timeout: float = Field(120.0, gt=0.0, description="seconds to wait for min_peers before giving up")
@@ -177,9 +187,20 @@ class Config(_Section):
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
     def _check_modes(self) -> Config:
+        if self.privacy.secure_aggregation and self.compression.name == "topk":
+            raise ValueError(
+                "privacy.secure_aggregation cannot mask compression.name 'topk' (each peer keeps different "
+                "coordinates): use none, fp16, uint8, randomk or powersgd"
+            )
+        if self.privacy.secure_aggregation and self.averaging.mode == "hierarchical":
+            raise ValueError(
+                "privacy.secure_aggregation does not work with averaging.mode 'hierarchical' yet: use sync, diloco "
+                "or gossip"
+            )
         if self.averaging.mode == "gossip" and self.compression.sparse:
             raise ValueError(
                 f"compression.name {self.compression.name!r} keeps a small part of an update, and gossip averages "

@@ -26,6 +26,7 @@ from p2pfed.actors.messages import DownloadState, RoundResult, RunRound, SetGrou
 from p2pfed.allreduce import SwarmAverager, listen_tcp
 from p2pfed.config import Config
 from p2pfed.reductions import make_reduction
+from p2pfed.secagg import MaskKey, SecureAggregation
 
 __all__ = ["Averager"]
 
@@ -52,6 +53,7 @@ class Averager(Actor):
         self.avg: SwarmAverager | None = None
         self._control: Any = None  # the hivemind StepControl of the round in flight
         self.tcp_endpoint: list[Any] | None = None  # [host, port] of this averager's TCP listener
+        self.mask_key = MaskKey() if cfg.privacy.secure_aggregation else None
 
     async def on_start(self) -> None:
         a = self.cfg.averaging
@@ -70,6 +72,7 @@ class Averager(Actor):
             reduction=make_reduction(self.cfg.compression, seed=self.cfg.run.seed, peer_seed=_peer_seed(self.dht)),
             hierarchical=a.mode == "hierarchical",
             tcp_socket=tcp[0] if tcp is not None else None,
+            secure=SecureAggregation(self.mask_key, run=self.cfg.run.id.encode()) if self.mask_key else None,
             chunk_timeout=a.timeout / 3,
             client_mode=self.client_mode,
             declare_state_period=self.cfg.swarm.record_ttl,
@@ -125,6 +128,7 @@ class Averager(Actor):
                 "cloud": self.cloud,
                 "weight": float(msg.weight),
                 "tcp": self.tcp_endpoint,
+                "mask_key": self.mask_key.public if self.mask_key is not None else None,
             },
             # Give up finding a group soon after the wait: the peer then re-reads the swarm (it may be behind, or
             # alone) instead of retrying matchmaking for the whole round_timeout; gossip simply trains on.

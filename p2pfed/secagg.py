@@ -1,0 +1,173 @@
+"""Secure aggregation: pairwise additive masks in the ring Z_2^b, so that whoever reduces a slice sees uniform noise.
+
+    key = MaskKey()                                        # this averager's X25519 pair; key.public goes in `gather`
+    secure = SecureAggregation(key, run=b"p2pfed_run1")
+    mean = await secure.allreduce(vector, codec, phase, inner=allreduce, group=group)   # None if the round failed
+
+One all-reduce of `vector` (flat fp32) under masks, with `inner` the plain all-reduce of p2pfed/butterfly.py:
+
+1. Scale. A small clear all-reduce of one-hot vectors gives every member each member's weight share w_i / sum(w)
+   and the largest |w_i x_i| / sum(w): the shared fixed-point scale. (Those 2 numbers per member are all that a
+   member reveals in the clear.)
+2. Quantize. Each member maps (w_i / sum(w)) x_i to integers in [-L, L], L = 2^(v-1) - 1, with stochastic rounding
+   for v <= 16 (8 bits for uint8, 16 for fp16) and round-to-nearest for fp32's v = 32 - ceil(log2 n). The sum of n
+   such integers fits in b = v + ceil(log2 n) bits, so it is exact in Z_2^b (b = 32 for fp32).
+3. Mask. Each pair (i, j) derives a 32-byte key with X25519 + HKDF-SHA256, bound to the run (salt), the round's
+   all-reduce tag (group id and phase) and the group's member list; ChaCha20 expands it into one mask per element.
+   The member with the smaller peer id adds the mask, the other subtracts it, modulo 2^b.
+4. Sum. The butterfly all-reduce sums the masked elements modulo 2^b (compression/ring.py, b bits per element on
+   the wire, both legs); the masks cancel, and every member decodes the exact sum of the quantized updates: the
+   weighted mean, bit for bit what the same round computes without masks (`mask=False`).
+
+A member that drops out fails the butterfly round for everyone (it is strict), so a half-masked sum never reaches
+a model; the next round forms without it. Composes with every linear reduction (fp32, fp16, uint8, shared-seed
+random-k coordinates, PowerSGD's P and Q), since each all-reduce of a round goes through here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from p2pfed.compression import Compressor, Fp16, Fp32, Uint8
+from p2pfed.compression.ring import Ring
+
+__all__ = ["Group", "MaskKey", "SecureAggregation", "ring_bits"]
+
+InnerAllReduce = Callable[[torch.Tensor, Compressor, str], Awaitable[torch.Tensor | None]]
+
+_CHUNK = 1 << 20  # elements quantized and masked at a time (bounds the float64 and keystream temporaries)
+_VALUE_BITS = {Fp16: 16, Uint8: 8}  # fp32 takes what is left of 32 bits
+
+
+class MaskKey:
+    """This averager's X25519 key pair. The private half never leaves the process; the public half is published in
+    the round's gathered metadata, so each pair of members can agree on a mask without another message."""
+
+    def __init__(self, private: X25519PrivateKey | None = None) -> None:
+        self.private = private or X25519PrivateKey.generate()
+        self.public = self.private.public_key().public_bytes_raw()  # 32 bytes
+
+    def pair_key(self, their_public: bytes, *, run: bytes, tag: bytes, members: Sequence[bytes]) -> bytes:
+        """The 32-byte mask key this member shares with the owner of `their_public` for one all-reduce."""
+        shared = self.private.exchange(X25519PublicKey.from_public_bytes(their_public))
+        info = b"p2pfed-mask\x00" + tag + b"\x00" + b"".join(members)
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=run, info=info).derive(shared)
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """The members of one round, in group order: their peer ids (bytes) and mask public keys, and this member."""
+
+    peers: Sequence[bytes]
+    publics: Sequence[bytes]
+    me: int
+    tag: bytes  # the round's all-reduce tag: group id (and phase, added per all-reduce)
+
+
+def ring_bits(codec: Compressor, n: int) -> tuple[int, int]:
+    """(value bits v, ring bits b) for a codec in a group of n; ValueError for codecs that cannot be masked."""
+    extra = math.ceil(math.log2(n)) if n > 1 else 0
+    if type(codec) is Fp32:
+        return 32 - extra, 32
+    value = _VALUE_BITS.get(type(codec))
+    if value is None:
+        raise ValueError(f"secure aggregation needs a linear or fixed-point codec, not {type(codec).__name__}")
+    return value, value + extra
+
+
+class SecureAggregation:
+    """Runs one peer's masked all-reduces. `mask=False` runs the same fixed-point round without masks: the
+    reference the masked round must equal bit for bit (and what a reducer would see without masking)."""
+
+    def __init__(self, key: MaskKey, *, run: bytes, mask: bool = True, seed: int | None = None) -> None:
+        self.key, self.run, self.mask = key, run, mask
+        # Rounding noise is this peer's own: private, unless a test fixes the seed.
+        self._rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
+
+    async def allreduce(
+        self, vector: torch.Tensor, codec: Compressor, phase: str, *, inner: InnerAllReduce, group: Group
+    ) -> torch.Tensor | None:
+        n, me = len(group.peers), group.me
+        value_bits, bits = ring_bits(codec, n)
+        x = vector.detach().reshape(-1).float()
+        # 1. the weight shares and the shared scale, in the clear: 2 numbers per member
+        onehot = torch.zeros(2 * n)
+        onehot[me] = x.abs().max() if x.numel() else 0.0
+        onehot[n + me] = 1.0
+        shares = await inner(onehot, Fp32(), phase + ".scale")
+        if shares is None:
+            return None
+        scale, mine = float(shares[:n].max()), float(shares[n + me])
+        if not scale > 0.0 or not math.isfinite(scale):
+            return None if not math.isfinite(scale) else torch.zeros_like(x)
+        levels = (1 << (value_bits - 1)) - 1
+        # 2-3. fixed point, then masks
+        masked = self.masked(
+            x, factor=mine * levels / scale, levels=levels, bits=bits, stochastic=value_bits <= 16, group=group,
+            tag=group.tag + phase.encode(),
+        )  # fmt: skip
+        # 4. the exact sum in Z_2^b
+        total = await inner(masked, Ring(bits=bits), phase + ".ring")
+        if total is None:
+            return None
+        return decode(total, bits=bits).mul_(scale / levels).float()
+
+    def masked(
+        self, x: torch.Tensor, *, factor: float, levels: int, bits: int, stochastic: bool, group: Group, tag: bytes
+    ) -> torch.Tensor:
+        """(numel,) int32 carrying ring elements: round(factor * x) plus this member's masks, modulo 2^b."""
+        numel = x.numel()
+        out = torch.empty(numel, dtype=torch.int32)
+        out_u32 = out.numpy().view(np.uint32)
+        streams = self._streams(group, tag) if self.mask else []
+        zeros = np.zeros(4 * min(_CHUNK, max(numel, 1)), dtype=np.uint8)
+        keystream = np.empty(min(_CHUNK, max(numel, 1)), dtype=np.uint32)
+        for start in range(0, numel, _CHUNK):
+            stop = min(numel, start + _CHUNK)
+            y = x[start:stop].double().mul_(factor)
+            if stochastic:
+                y.add_(torch.rand(y.shape, generator=self._rng, dtype=torch.float64)).floor_()
+            else:
+                y.round_()
+            y.clamp_(-levels, levels)  # the shared scale is rounded to fp32: keep the sum's range exact
+            chunk = out_u32[start:stop]
+            chunk[:] = y.to(torch.int64).numpy().astype(np.uint32)  # two's complement: a value modulo 2^32
+            for sign, encryptor in streams:
+                count = stop - start
+                encryptor.update_into(zeros[: 4 * count].data, keystream[:count].view(np.uint8).data)
+                if sign > 0:
+                    np.add(chunk, keystream[:count], out=chunk)
+                else:
+                    np.subtract(chunk, keystream[:count], out=chunk)
+        np.bitwise_and(out_u32, np.uint32((1 << bits) - 1), out=out_u32)
+        return out
+
+    def _streams(self, group: Group, tag: bytes) -> list[tuple[int, CipherContext]]:
+        """(+1 or -1, a ChaCha20 keystream) for each other member: the masks this member adds."""
+        mine = group.peers[group.me]
+        streams = []
+        for j, (peer, public) in enumerate(zip(group.peers, group.publics, strict=True)):
+            if j == group.me:
+                continue
+            key = self.key.pair_key(public, run=self.run, tag=tag, members=group.peers)
+            cipher = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None)
+            streams.append((1 if mine < peer else -1, cipher.encryptor()))
+        return streams
+
+
+def decode(total: torch.Tensor, *, bits: int) -> torch.Tensor:
+    """Ring elements (int32 carrying values in [0, 2^b)) as the signed integers they stand for, in fp64 (exact)."""
+    shift = 32 - bits
+    u = total.numpy().view(np.uint32)
+    signed = (u << np.uint32(shift)).view(np.int32) >> shift  # the top ring bit is the sign: shift it into place
+    return torch.from_numpy(signed.astype(np.float64))

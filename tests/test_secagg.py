@@ -1,0 +1,184 @@
+"""Secure aggregation (p2pfed/secagg.py) over real libp2p daemons on loopback: the masked mean equals the unmasked
+fixed-point mean bit for bit in groups of 2 to 8, with and without 8-bit quantization, and is within the fixed-point
+bound of the plain-torch weighted mean; the slice a reducer receives from another member is uncorrelated with that
+member's update when masked, and is that update when not (so the measurement can fail).
+
+.venv/bin/python -m pytest -q tests/test_secagg.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+import pytest
+import torch
+from hivemind.p2p import P2P
+
+from p2pfed import pieces as pieces_module
+from p2pfed.butterfly import Butterfly, split_sizes
+from p2pfed.compression import Compressor, Fp16, Fp32, Uint8
+from p2pfed.compression.ring import Ring
+from p2pfed.secagg import Group, MaskKey, SecureAggregation, decode, ring_bits
+
+LISTEN = ["/ip4/127.0.0.1/tcp/0"]
+TIMEOUT = 30.0
+RUN = b"p2pfed_test_run"
+
+
+@contextlib.asynccontextmanager
+async def _members(n: int) -> AsyncIterator[list[Butterfly]]:
+    first = await P2P.create(host_maddrs=LISTEN, nat_port_map=False, auto_nat=False)
+    maddrs = await first.get_visible_maddrs()
+    p2ps = [first]
+    try:
+        for _ in range(n - 1):
+            p2ps.append(await P2P.create(initial_peers=maddrs, host_maddrs=LISTEN, nat_port_map=False, auto_nat=False))
+        butterflies = [Butterfly(p2p, name="test.part", chunk_timeout=10.0) for p2p in p2ps]
+        for b in butterflies:
+            await b.serve()
+        yield butterflies
+    finally:
+        for p2p in p2ps:
+            await p2p.shutdown()
+
+
+async def _secure_round(
+    butterflies: Sequence[Butterfly],
+    vectors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    codec: Compressor,
+    *,
+    mask: bool,
+    tag: bytes,
+    absent: Sequence[int] = (),
+    timeout: float = TIMEOUT,
+) -> list[torch.Tensor | None]:
+    """One secure all-reduce on every member; rounding seeds fixed per member so masked and unmasked runs compare."""
+    peers = [b.p2p.peer_id for b in butterflies]
+    keys = [MaskKey() for _ in butterflies]
+    publics = [k.public for k in keys]
+
+    async def member(i: int) -> torch.Tensor | None:
+        b = butterflies[i]
+
+        async def inner(vector: torch.Tensor, inner_codec: Compressor, phase: str) -> torch.Tensor | None:
+            mean, _ = await b.allreduce(
+                tag + phase.encode(), peers, i, vector, weight=weights[i], shares=[1.0] * len(peers),
+                codec=inner_codec, round=3, timeout=timeout,
+            )  # fmt: skip
+            return mean
+
+        secure = SecureAggregation(keys[i], run=RUN, mask=mask, seed=1000 + i)
+        group = Group(peers=[p.to_bytes() for p in peers], publics=publics, me=i, tag=tag)
+        return await secure.allreduce(vectors[i], codec, "dense", inner=inner, group=group)
+
+    return list(await asyncio.gather(*(member(i) for i in range(len(butterflies)) if i not in absent)))
+
+
+def _vectors(n: int, numel: int) -> list[torch.Tensor]:
+    return [torch.randn(numel, generator=torch.Generator().manual_seed(10 + i)) * (i + 1) for i in range(n)]
+
+
+def _weighted_mean(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    return sum(w * v.double() for v, w in zip(vectors, weights, strict=True)) / sum(weights)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("bits", [1, 7, 8, 10, 13, 16, 20, 32])
+def test_ring_payloads_are_b_bits_per_element_and_lossless(bits: int) -> None:
+    ring = Ring(bits=bits)
+    numel = 10_001
+    values = torch.from_numpy(
+        np.random.default_rng(bits).integers(0, 1 << bits, size=numel, dtype=np.uint64).astype(np.uint32).view(np.int32)
+    )
+    payload = ring.compress(values, round=0)
+    assert len(payload.data) == numel * (bits // 8) + (bits % 8) * ((numel + 7) // 8)
+    assert torch.equal(ring.decompress(payload, numel=numel, round=0), values)
+    # The reducer's sum wraps modulo 2^b
+    total = ring.reduce(None, values.clone(), 1.0, owned=True)
+    total = ring.reduced(ring.reduce(total, values, 5.0, owned=False), 2.0)
+    expected = (values.numpy().view(np.uint32).astype(np.uint64) * 2) % (1 << bits)
+    assert np.array_equal(total.numpy().view(np.uint32), expected.astype(np.uint32))
+
+
+def test_value_and_ring_bits_leave_room_for_the_sum_of_the_group() -> None:
+    assert ring_bits(Uint8(seed=0), 2) == (8, 9)
+    assert ring_bits(Uint8(seed=0), 8) == (8, 11)
+    assert ring_bits(Fp16(), 3) == (16, 18)
+    assert ring_bits(Fp32(), 5) == (29, 32)
+    with pytest.raises(ValueError, match="secure aggregation"):
+        ring_bits(Ring(bits=8), 2)
+
+
+def test_masked_mean_equals_the_unmasked_fixed_point_mean_bit_for_bit_in_groups_of_2_to_8() -> None:
+    async def main() -> None:
+        async with _members(8) as everyone:
+            for n in range(2, 9):
+                butterflies = everyone[:n]
+                vectors, weights = _vectors(n, 20_011), [float(i % 3 + 1) for i in range(n)]
+                reference = _weighted_mean(vectors, weights)
+                for codec in (Fp32(), Uint8(seed=0)):
+                    tag = f"{n}-{type(codec).__name__}".encode()
+                    masked = await _secure_round(butterflies, vectors, weights, codec, mask=True, tag=tag + b"m")
+                    clear = await _secure_round(butterflies, vectors, weights, codec, mask=False, tag=tag + b"c")
+                    value_bits, _ = ring_bits(codec, n)
+                    scale = max(w * v.abs().max().item() for v, w in zip(vectors, weights, strict=True)) / sum(weights)
+                    step = scale / ((1 << (value_bits - 1)) - 1)  # one fixed-point unit
+                    for m, c in zip(masked, clear, strict=True):
+                        assert m is not None and c is not None
+                        assert torch.equal(m, c), f"group of {n}, {codec}: masked and unmasked means differ"
+                        assert torch.equal(m, masked[0])  # every member holds the same mean
+                        # each member's rounding is off by less than one unit (half a unit for round-to-nearest)
+                        assert (m.double() - reference).abs().max().item() <= n * step * 1.001 + 1e-6
+
+    asyncio.run(main())
+
+
+def test_a_reducer_sees_noise_with_masks_and_the_update_without(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: record every ring piece each reducer adds, with whether it was the reducer's own (owned=False)
+    seen: list[tuple[object, int, int, torch.Tensor, bool]] = []
+    add = pieces_module.Slice.add
+
+    def recording_add(self, sender, index, weight, piece, *, owned=False):  # type: ignore[no-untyped-def]
+        if piece.dtype == torch.int32:
+            seen.append((self, sender, index, piece.clone(), owned))
+        return add(self, sender, index, weight, piece, owned=owned)
+
+    monkeypatch.setattr(pieces_module.Slice, "add", recording_add)
+    n, numel = 3, 3_000_000  # 1M-element slices: an uncorrelated slice measures |corr| ~ 0.001
+
+    async def main() -> dict[bool, float]:
+        out = {}
+        async with _members(n) as butterflies:
+            vectors = _vectors(n, numel)
+            for mask in (True, False):
+                seen.clear()
+                means = await _secure_round(butterflies, vectors, [1.0] * n, Fp32(), mask=mask, tag=b"leak%d" % mask)
+                assert all(m is not None for m in means)
+                # reducer 0's slice: find it by its own piece, then take what member 1 sent it
+                slices = {id(s) for s, sender, _, _, owned in seen if sender == 0 and not owned}
+                received = sorted((i, p) for s, sender, i, p, owned in seen if id(s) in slices and sender == 1)
+                ring = torch.cat([p for _, p in received])
+                sizes = split_sizes(numel, [1.0] * n)
+                truth = vectors[1][: sizes[0]].double()
+                observed = decode(ring, bits=32)
+                out[mask] = float(np.corrcoef(observed.numpy(), truth.numpy())[0, 1])
+        return out
+
+    corr = asyncio.run(main())
+    assert abs(corr[True]) <= 0.01, corr
+    assert corr[False] > 0.99, corr
+
+
+def test_a_member_that_drops_out_fails_the_masked_round_for_everyone() -> None:
+    async def main() -> None:
+        async with _members(3) as butterflies:
+            vectors = _vectors(3, 10_000)
+            results = await _secure_round(
+                butterflies, vectors, [1.0, 1.0, 1.0], Uint8(seed=0), mask=True, tag=b"drop", absent=[2], timeout=3.0
+            )
+            assert results == [None, None]
+
+    asyncio.run(main())
