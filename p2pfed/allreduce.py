@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import multiprocessing as mp
 import socket
 import time
@@ -66,11 +67,22 @@ class SwarmAverager(DecentralizedAverager):
         self._reduction = reduction or Dense(Fp32())
         self._chunk_timeout = chunk_timeout
         self._hierarchical = hierarchical
-        self._secure = secure  # masks every all-reduce of a round (p2pfed/secagg.py); members publish "mask_key"
+        self._secure = secure  # masks every all-reduce of a round (p2pfed/secagg.py); see step()
         self._tcp_socket = tcp_socket  # listening; inherited by the averager process, which accepts on it
         self._butterfly: Butterfly | None = None  # made in the averager process, on its event loop
         kwargs.setdefault("state_compression", NoCompression())
         super().__init__(averaged_tensors, dht, **kwargs)
+
+    def step(self, gather: Any = None, weight: float | None = None, **kwargs: Any) -> Any:
+        """hivemind's step; with secure aggregation, `gather` (a dict) also carries this member's mask key and, so
+        that a dense round needs no extra exchange for its fixed-point scale, its weight and largest |value|."""
+        if self._secure is not None:
+            with self.get_tensors() as tensors:
+                maxabs = max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
+            gather = dict(gather or {})
+            weight_now = 1.0 if weight is None else float(weight)
+            gather["secagg"] = {"key": self._secure.key.public, "maxabs": maxabs, "weight": weight_now}
+        return super().step(gather=gather, weight=weight, **kwargs)
 
     @property
     def bytes_sent(self) -> int:
@@ -171,7 +183,12 @@ class SwarmAverager(DecentralizedAverager):
             if isinstance(group, str):
                 stats.reason = group
                 return
-            allreduce = functools.partial(self._secure.allreduce, inner=plain_allreduce, group=group)
+            allreduce = functools.partial(
+                self._secure.allreduce,
+                inner=plain_allreduce,
+                group=group,
+                scaled={"dense"} if isinstance(self._reduction, Dense) else set(),  # its vector is the step's tensor
+            )
 
         (buffer,) = tensors
         t0 = time.perf_counter()
@@ -213,13 +230,21 @@ def _members(
 
 def _mask_group(group_info: GroupInfo, gathered: Sequence[dict[str, Any]], me: int, group_id: bytes) -> Group | str:
     """The group as secure aggregation needs it, or the reason it cannot mask (a member published no mask key)."""
-    publics = []
+    publics, maxabs, weights = [], [], []
     for peer, info in zip(group_info.peer_ids, gathered, strict=True):
-        key = info.get("mask_key")
+        mine = info.get("secagg")
+        if not isinstance(mine, dict):
+            mine = {}
+        key = mine.get("key")
         if not isinstance(key, bytes) or len(key) != 32:
             return f"member {peer.to_base58()[-6:]} has no mask key (privacy.secure_aggregation off there?)"
         publics.append(key)
-    return Group(peers=[p.to_bytes() for p in group_info.peer_ids], publics=publics, me=me, tag=group_id)
+        maxabs.append(float(mine.get("maxabs", math.inf)))
+        weights.append(float(mine.get("weight", 1.0)))
+    return Group(
+        peers=[p.to_bytes() for p in group_info.peer_ids], publics=publics, me=me, tag=group_id,
+        maxabs=maxabs, weights=weights,
+    )  # fmt: skip
 
 
 def _routes(group_info: GroupInfo, gathered: Sequence[dict[str, Any]]) -> dict[PeerID, tuple[str, int]]:

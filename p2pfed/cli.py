@@ -369,6 +369,34 @@ def bench_link(
     sys.exit(1 if result["leftovers"] else 0)
 
 
+@bench.command("secagg")
+@click.option("--peers", "n_peers", type=click.IntRange(min=2, max=16), default=3, show_default=True)
+@click.option("--numel", type=click.IntRange(min=1), default=25_000_000, show_default=True, help="fp32 elements")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="timed rounds (median)")
+@click.option("--compression", type=click.Choice(["none", "fp16", "uint8"]), default="uint8", show_default=True)
+@click.option("--transport", type=click.Choice(["libp2p", "tcp"]), default="libp2p", show_default=True)
+@click.option("--rate-mbit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="run behind tbf links of this rate, each way (needs root); default: loopback")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@user_errors
+def bench_secagg(
+    n_peers: int, numel: int, rounds: int, compression: str, transport: str, rate_mbit: float | None, as_json: bool
+) -> None:
+    """Masked vs plain averaging round: time and bytes ratios (privacy.secure_aggregation)."""
+    from p2pfed.bench.secagg import run_secagg
+
+    result = run_secagg(
+        n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport,
+        rate_mbit=rate_mbit,
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for key, value in result.items():
+            click.echo(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    sys.exit(1 if result["leftovers"] else 0)
+
+
 @bench.command("hivemind-peer", hidden=True)
 @_config_option
 @_set_option

@@ -6,9 +6,10 @@
 
 One all-reduce of `vector` (flat fp32) under masks, with `inner` the plain all-reduce of p2pfed/butterfly.py:
 
-1. Scale. A small clear all-reduce of one-hot vectors gives every member each member's weight share w_i / sum(w)
-   and the largest |w_i x_i| / sum(w): the shared fixed-point scale. (Those 2 numbers per member are all that a
-   member reveals in the clear.)
+1. Scale. Every member learns each member's weight share w_i / sum(w) and the largest |w_i x_i| / sum(w): the
+   shared fixed-point scale. For a dense round both come with the mask keys in the round's gathered metadata; for
+   the vectors a reduction computes during the round (random-k coordinates, PowerSGD's P and Q) a small clear
+   all-reduce of one-hot vectors carries them. Those 2 numbers per member are all it reveals in the clear.
 2. Quantize. Each member maps (w_i / sum(w)) x_i to integers in [-L, L], L = 2^(v-1) - 1, with stochastic rounding
    for v <= 16 (8 bits for uint8, 16 for fp16) and round-to-nearest for fp32's v = 32 - ceil(log2 n). The sum of n
    such integers fits in b = v + ceil(log2 n) bits, so it is exact in Z_2^b (b = 32 for fp32).
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,10 @@ class Group:
     publics: Sequence[bytes]
     me: int
     tag: bytes  # the round's all-reduce tag: group id (and phase, added per all-reduce)
+    # What each member published with its key: its weight and its update's largest |value|, for the phases whose
+    # vector is that update (`scaled`): their scale needs no exchange of its own.
+    maxabs: Sequence[float] = ()
+    weights: Sequence[float] = ()
 
 
 def ring_bits(codec: Compressor, n: int) -> tuple[int, int]:
@@ -92,22 +97,36 @@ class SecureAggregation:
     def __init__(self, key: MaskKey, *, run: bytes, mask: bool = True, seed: int | None = None) -> None:
         self.key, self.run, self.mask = key, run, mask
         # Rounding noise is this peer's own: private, unless a test fixes the seed.
-        self._rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
+        self._rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little") if seed is None else seed)
 
     async def allreduce(
-        self, vector: torch.Tensor, codec: Compressor, phase: str, *, inner: InnerAllReduce, group: Group
+        self,
+        vector: torch.Tensor,
+        codec: Compressor,
+        phase: str,
+        *,
+        inner: InnerAllReduce,
+        group: Group,
+        scaled: Collection[str] = (),
     ) -> torch.Tensor | None:
+        """The group's weighted mean of `vector`, masked on the wire; None when an all-reduce of it failed. For a
+        phase in `scaled`, `vector` is what each member described in group.maxabs and group.weights."""
         n, me = len(group.peers), group.me
         value_bits, bits = ring_bits(codec, n)
         x = vector.detach().reshape(-1).float()
-        # 1. the weight shares and the shared scale, in the clear: 2 numbers per member
-        onehot = torch.zeros(2 * n)
-        onehot[me] = x.abs().max() if x.numel() else 0.0
-        onehot[n + me] = 1.0
-        shares = await inner(onehot, Fp32(), phase + ".scale")
-        if shares is None:
-            return None
-        scale, mine = float(shares[:n].max()), float(shares[n + me])
+        # 1. the weight shares and the shared scale: published with the keys, or exchanged in the clear now
+        if phase in scaled and len(group.maxabs) == n and len(group.weights) == n:
+            total_weight = sum(group.weights)
+            scale = max(w * m / total_weight for w, m in zip(group.weights, group.maxabs, strict=True))
+            mine = group.weights[me] / total_weight
+        else:
+            onehot = torch.zeros(2 * n)
+            onehot[me] = x.abs().max() if x.numel() else 0.0
+            onehot[n + me] = 1.0
+            shares = await inner(onehot, Fp32(), phase + ".scale")
+            if shares is None:
+                return None
+            scale, mine = float(shares[:n].max()), float(shares[n + me])
         if not scale > 0.0 or not math.isfinite(scale):
             return None if not math.isfinite(scale) else torch.zeros_like(x)
         levels = (1 << (value_bits - 1)) - 1
@@ -134,14 +153,14 @@ class SecureAggregation:
         keystream = np.empty(min(_CHUNK, max(numel, 1)), dtype=np.uint32)
         for start in range(0, numel, _CHUNK):
             stop = min(numel, start + _CHUNK)
-            y = x[start:stop].double().mul_(factor)
-            if stochastic:
-                y.add_(torch.rand(y.shape, generator=self._rng, dtype=torch.float64)).floor_()
-            else:
-                y.round_()
+            if stochastic:  # |y| <= 2^15: fp32 still holds 8 bits below the integer part for the rounding noise
+                y = x[start:stop].mul(factor)
+                y.add_(torch.from_numpy(self._rng.random(y.numel(), dtype=np.float32))).floor_()
+            else:  # up to 2^31 levels: round in fp64
+                y = x[start:stop].double().mul_(factor).round_()
             y.clamp_(-levels, levels)  # the shared scale is rounded to fp32: keep the sum's range exact
             chunk = out_u32[start:stop]
-            chunk[:] = y.to(torch.int64).numpy().astype(np.uint32)  # two's complement: a value modulo 2^32
+            chunk[:] = y.to(torch.int32).numpy().view(np.uint32)  # two's complement: the value modulo 2^32
             for sign, encryptor in streams:
                 count = stop - start
                 encryptor.update_into(zeros[: 4 * count].data, keystream[:count].view(np.uint8).data)

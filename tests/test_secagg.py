@@ -55,6 +55,7 @@ async def _secure_round(
     tag: bytes,
     absent: Sequence[int] = (),
     timeout: float = TIMEOUT,
+    published: bool = False,
 ) -> list[torch.Tensor | None]:
     """One secure all-reduce on every member; rounding seeds fixed per member so masked and unmasked runs compare."""
     peers = [b.p2p.peer_id for b in butterflies]
@@ -72,8 +73,12 @@ async def _secure_round(
             return mean
 
         secure = SecureAggregation(keys[i], run=RUN, mask=mask, seed=1000 + i)
-        group = Group(peers=[p.to_bytes() for p in peers], publics=publics, me=i, tag=tag)
-        return await secure.allreduce(vectors[i], codec, "dense", inner=inner, group=group)
+        group = Group(
+            peers=[p.to_bytes() for p in peers], publics=publics, me=i, tag=tag,
+            maxabs=[float(v.abs().max()) for v in vectors], weights=weights,
+        )  # fmt: skip
+        scaled = {"dense"} if published else set()  # else the scale is exchanged in a clear all-reduce first
+        return await secure.allreduce(vectors[i], codec, "dense", inner=inner, group=group, scaled=scaled)
 
     return list(await asyncio.gather(*(member(i) for i in range(len(butterflies)) if i not in absent)))
 
@@ -119,10 +124,14 @@ def test_masked_mean_equals_the_unmasked_fixed_point_mean_bit_for_bit_in_groups_
                 butterflies = everyone[:n]
                 vectors, weights = _vectors(n, 20_011), [float(i % 3 + 1) for i in range(n)]
                 reference = _weighted_mean(vectors, weights)
-                for codec in (Fp32(), Uint8(seed=0)):
-                    tag = f"{n}-{type(codec).__name__}".encode()
-                    masked = await _secure_round(butterflies, vectors, weights, codec, mask=True, tag=tag + b"m")
-                    clear = await _secure_round(butterflies, vectors, weights, codec, mask=False, tag=tag + b"c")
+                for codec, published in ((Fp32(), False), (Uint8(seed=0), False), (Uint8(seed=0), True)):
+                    tag = f"{n}-{type(codec).__name__}-{published}".encode()
+                    masked = await _secure_round(
+                        butterflies, vectors, weights, codec, mask=True, tag=tag + b"m", published=published
+                    )
+                    clear = await _secure_round(
+                        butterflies, vectors, weights, codec, mask=False, tag=tag + b"c", published=published
+                    )
                     value_bits, _ = ring_bits(codec, n)
                     scale = max(w * v.abs().max().item() for v, w in zip(vectors, weights, strict=True)) / sum(weights)
                     step = scale / ((1 << (value_bits - 1)) - 1)  # one fixed-point unit

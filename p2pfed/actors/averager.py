@@ -128,7 +128,6 @@ class Averager(Actor):
                 "cloud": self.cloud,
                 "weight": float(msg.weight),
                 "tcp": self.tcp_endpoint,
-                "mask_key": self.mask_key.public if self.mask_key is not None else None,
             },
             # Give up finding a group soon after the wait: the peer then re-reads the swarm (it may be behind, or
             # alone) instead of retrying matchmaking for the whole round_timeout; gossip simply trains on.

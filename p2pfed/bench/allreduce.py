@@ -92,9 +92,9 @@ def run_bench(*, n_peers: int, numel: int, rounds: int, compression: str, transp
     finally:
         listener.close()
 
-    p2pfed_s = _median_of_slowest([r["times"] for r in p2pfed])
-    allreduce_s = _median_of_slowest([r["allreduce_times"] for r in p2pfed])
-    gloo_s = _median_of_slowest([r["times"] for r in gloo])
+    p2pfed_s = median_of_slowest([r["times"] for r in p2pfed])
+    allreduce_s = median_of_slowest([r["allreduce_times"] for r in p2pfed])
+    gloo_s = median_of_slowest([r["times"] for r in gloo])
     return {
         "p2pfed_s": p2pfed_s,
         "gloo_s": gloo_s,
@@ -120,9 +120,11 @@ def run_p2pfed_side(
     transport: str,
     hosts: Sequence[str] | None = None,
     netns: Sequence[str] | None = None,
+    secure: bool = False,
 ) -> list[Result]:
     """p2pfed's side alone: one result per peer (times, all-reduce times, errors, bytes). Peer i listens on
-    hosts[i] (default 127.0.0.1) and, when `netns` is given, runs inside network namespace netns[i]."""
+    hosts[i] (default 127.0.0.1) and, when `netns` is given, runs inside network namespace netns[i]; `secure`
+    masks every round (privacy.secure_aggregation)."""
     from p2pfed.compression import COMPRESSORS
 
     if n_peers < 2 or numel < 1 or rounds < 1:
@@ -135,7 +137,7 @@ def run_p2pfed_side(
     maddr_queue: Queue[list[str]] = ctx.Queue()
     barrier = ctx.Barrier(n_peers)
     budget = 2 * STARTUP_TIMEOUT + (rounds + 1) * (GROUP_TIMEOUT + ALLREDUCE_TIMEOUT)
-    setup = Setup(n_peers, numel, rounds, compression, transport, prefix)
+    setup = Setup(n_peers, numel, rounds, compression, transport, prefix, secure)
 
     def args_for(rank: int) -> tuple[Any, ...]:
         listen = f"/ip4/{hosts[rank]}/tcp/0" if hosts else LISTEN
@@ -157,9 +159,10 @@ class Setup:
     compression: str
     transport: str
     prefix: str
+    secure: bool = False
 
 
-def _median_of_slowest(times_per_peer: Sequence[Sequence[float]]) -> float:
+def median_of_slowest(times_per_peer: Sequence[Sequence[float]]) -> float:
     """A round ends when its slowest peer is done, so a round's time is the max over peers; then the median."""
     return statistics.median(max(round_times) for round_times in zip(*times_per_peer, strict=True))
 
@@ -369,10 +372,13 @@ def _p2pfed_rounds(rank: int, setup: Setup, listen: str, maddr_queue: Queue[list
     from p2pfed.allreduce import SwarmAverager, listen_tcp
     from p2pfed.config import CompressionConfig
     from p2pfed.reductions import make_reduction
+    from p2pfed.secagg import MaskKey, SecureAggregation
 
     original = _peer_tensor(rank, numel)
     expected = _exact_mean(n_peers, numel)
     dht = avg = None
+    key = MaskKey() if setup.secure else None
+    gather: dict[str, Any] = {}
     try:
         if rank == 0:
             dht = start_dht(initial_peers=[], listen=listen)
@@ -403,6 +409,7 @@ def _p2pfed_rounds(rank: int, setup: Setup, listen: str, maddr_queue: Queue[list
                 peer_seed=rank,  # type: ignore[arg-type]
             ),
             tcp_socket=tcp[0] if tcp is not None else None,
+            secure=SecureAggregation(key, run=prefix.encode()) if key is not None else None,
             shutdown_timeout=5,
             start=False,
         )
@@ -419,7 +426,8 @@ def _p2pfed_rounds(rank: int, setup: Setup, listen: str, maddr_queue: Queue[list
                 tensor.copy_(original)  # every round averages the same inputs, so every result is checkable
             barrier.wait(BARRIER_TIMEOUT)
             t0 = time.perf_counter()
-            outcome = _one_round(avg, label, gather={"tcp": list(tcp[1])} if tcp is not None else None)
+            gather["tcp"] = list(tcp[1]) if tcp is not None else None
+            outcome = _one_round(avg, label, gather=gather)
             elapsed = time.perf_counter() - t0
             if not outcome["complete"]:
                 raise _RoundFailed(
