@@ -87,6 +87,7 @@ def _human_sink(every_s: float = 2.0) -> Callable[[str, dict[str, Any]], None]:
                 f"step {data['step']}{of}  loss {data['loss']:.4f}  eval {ev}  "
                 f"{data['samples_per_s']:.1f} samples/s  group {data['group_size']}  "
                 f"rounds ok {data['rounds_ok']} failed {data['rounds_failed']}"
+                + (f"  epsilon {data['epsilon']:.3f}" if data.get("epsilon") is not None else "")
             )
         elif kind != "done":
             console.print(data["text"])

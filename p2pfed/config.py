@@ -163,6 +163,23 @@ class AveragingConfig(_Section):
 
 
 class PrivacyConfig(_Section):
+    dp: bool = Field(
+        False,
+        description="DP-SGD on every peer (opacus): clip each example's gradient to max_grad_norm and add Gaussian "
+        "noise before anything leaves the peer; epsilon is accounted per peer",
+    )
+    noise_multiplier: float = Field(1.0, gt=0.0, description="dp: noise std as a multiple of max_grad_norm (sigma)")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="dp: per-example gradient clipping norm (C)")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="dp: the delta epsilon is reported at")
+    target_epsilon: float | None = Field(
+        None, gt=0.0, description="dp: privacy budget; the peer stops before a step would take epsilon past it"
+    )
+    accountant: Literal["rdp", "prv", "gdp"] = Field("rdp", description="dp: opacus accountant that composes steps")
+    distributed_noise: bool = Field(
+        False,
+        description="dp with secure_aggregation, sync mode: each peer adds noise_multiplier / sqrt(averaging."
+        "min_group_size) of the noise, so that each round's masked sum carries the full noise",
+    )
     secure_aggregation: bool = Field(
         False,
         description="mask each update with pairwise X25519/ChaCha20 masks in a fixed-point ring, so a peer that "
@@ -191,6 +208,13 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check_modes(self) -> Config:
+        if self.privacy.distributed_noise and not (
+            self.privacy.dp and self.privacy.secure_aggregation and self.averaging.mode == "sync"
+        ):
+            raise ValueError(
+                "privacy.distributed_noise needs privacy.dp and privacy.secure_aggregation on, and averaging.mode "
+                "sync (only a masked sum of noised gradients carries the full noise)"
+            )
         if self.privacy.secure_aggregation and self.compression.name == "topk":
             raise ValueError(
                 "privacy.secure_aggregation cannot mask compression.name 'topk' (each peer keeps different "

@@ -289,6 +289,19 @@ class Peer:
                 work: Any = RunInnerSteps(steps=inner, first_step=step)
             else:
                 inner, work = 1, ComputeGradients()
+            privacy = self.trainer.privacy
+            left = privacy.steps_left() if privacy is not None else None
+            if privacy is not None and left is not None and left < inner:
+                self.stats["stopped"] = "privacy budget exhausted"
+                self.monitor.tell(
+                    Event(
+                        "privacy",
+                        f"privacy budget exhausted: epsilon {privacy.epsilon():.3f} after {privacy.steps} private "
+                        f"steps, and {inner} more would pass privacy.target_epsilon {cfg.privacy.target_epsilon} "
+                        f"(delta {cfg.privacy.delta}); stopping at step {step}",
+                    )
+                )
+                break
             grads = await self._until_stop(self.trainer.ask(work, timeout=eval_timeout))
             if grads is None:
                 break
@@ -385,6 +398,7 @@ class Peer:
                     group_size=rnd.group_size,
                     rounds_ok=self.stats["rounds_ok"],
                     rounds_failed=self.stats["rounds_failed"],
+                    epsilon=self.trainer.privacy.epsilon() if self.trainer.privacy is not None else None,
                 )
             )
         if not self.sup.stop_requested.is_set():
@@ -452,7 +466,11 @@ class Peer:
             "device": str(self.trainer.device),
             "parameters": self.trainer.numel,
             "data": self.data_info,
+            "stopped": self.stats.get("stopped", ""),
+            "dp": self.trainer.privacy is not None,
         }
+        if self.trainer.privacy is not None:  # everything needed to recompute epsilon
+            report.update(self.trainer.privacy.report())
         if self.opt.report_path:
             Path(self.opt.report_path).parent.mkdir(parents=True, exist_ok=True)
             Path(self.opt.report_path).write_text(json.dumps(report, indent=2))

@@ -196,6 +196,7 @@ class Progress:
     group_size: int
     rounds_ok: int
     rounds_failed: int
+    epsilon: float | None = None  # privacy.dp: spent so far, at privacy.delta
 
 
 @dataclass(frozen=True)

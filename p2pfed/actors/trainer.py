@@ -34,6 +34,7 @@ from p2pfed.actors.messages import (
 from p2pfed.config import Config, Profile
 from p2pfed.data import Corpus
 from p2pfed.model import build_model
+from p2pfed.privacy import PeerPrivacy
 
 __all__ = ["Trainer"]
 
@@ -77,6 +78,15 @@ class Trainer(Actor):
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self.privacy: PeerPrivacy | None = None
+        if self.cfg.privacy.dp:
+            self.privacy = PeerPrivacy(
+                self.cfg.privacy,
+                batch_size=t.batch_size,
+                dataset_size=len(self.shard),
+                min_group_size=self.cfg.averaging.min_group_size,
+            )
+            self.privacy.attach(self.model, self.optimizer)
         self.flat_grad = torch.zeros(self.numel, dtype=torch.float32)
         self.diloco = self.cfg.averaging.mode == "diloco"
         # DiLoCo: the point all peers share (params move away from it during inner steps) and the outer optimizer.
@@ -128,17 +138,28 @@ class Trainer(Actor):
         return await self._run(self._compute)
 
     def _forward_backward(self, batch: torch.Tensor) -> float:
-        """Gradients of the mean loss over `batch` (B, T) into p.grad, in micro-batches; returns the mean loss."""
+        """Gradients of the mean loss over `batch` (B, T) into p.grad, in micro-batches; returns the mean loss.
+        With privacy.dp, p.grad is the batch's DP-SGD gradient (per-example clipped, noised) and the step counts."""
         micro = self.cfg.training.micro_batch_size or len(batch)
         total_loss = 0.0
         self.model.train()
+        if self.privacy is not None:
+            self.privacy.zero_grad()
         for p in self.params:
             p.grad = None
-        for chunk in batch.split(micro):
+        chunks = batch.split(micro)
+        for chunk in chunks:
             ids = chunk.to(self.device)
-            loss = self.model(input_ids=ids, labels=ids).loss
-            (loss * (len(chunk) / len(batch))).backward()
+            if self.privacy is None:
+                loss = self.model(input_ids=ids, labels=ids).loss
+                (loss * (len(chunk) / len(batch))).backward()
+            else:  # per-example gradients need each pass's own mean loss, and per-example position ids (GPT-2)
+                positions = torch.arange(ids.shape[1], device=self.device).repeat(len(ids), 1)
+                loss = self.model(input_ids=ids, labels=ids, position_ids=positions).loss
+                loss.backward()
             total_loss += loss.item() * len(chunk)
+        if self.privacy is not None:
+            self.privacy.privatize(len(chunks))
         return total_loss / len(batch)
 
     def _slow_down(self, t0: float) -> float:

@@ -1,0 +1,141 @@
+"""Differential privacy on one peer: DP-SGD with opacus (per-sample clipping, Gaussian noise) and its accountant.
+
+    dp = PeerPrivacy(cfg.privacy, batch_size=8, dataset_size=len(shard), min_group_size=2)
+    dp.attach(model, optimizer)            # opacus hooks: per-sample gradients on every forward/backward
+    dp.zero_grad()                         # before a step's micro-batches
+    ...forward/backward over micro-batches...
+    dp.privatize(chunks)                   # p.grad = (sum of clipped per-sample grads + noise) / batch size
+    dp.epsilon()                           # epsilon spent so far at privacy.delta
+    dp.steps_left()                        # private steps until epsilon would pass privacy.target_epsilon
+
+Every gradient that leaves the trainer (averaged every step in sync mode, or folded into a DiLoCo or gossip update)
+has been clipped per example to privacy.max_grad_norm (C) and noised with N(0, (sigma C)^2) first, so what other
+peers see is post-processing of a DP-SGD release. The accountant (opacus's rdp, prv or gdp) composes one step of
+sample rate q = batch_size / examples in this peer's shard and noise multiplier sigma per step.
+
+Batches are fixed-size shuffles of the shard, while the accountants assume Poisson sampling at rate q: the usual
+approximation (opacus makes the same when given a plain data loader).
+
+Distributed noise (privacy.distributed_noise, sync mode with secure aggregation): each peer adds noise of std
+sigma C / sqrt(m), m = averaging.min_group_size, so the sum of any committed round (at least m peers) carries
+sigma C, and only that masked sum is ever seen by others; epsilon is then accounted at sigma. This holds against
+observers of the aggregate and assumes the other members add their share.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import create_accountant
+from opacus.optimizers import DPOptimizer
+
+from p2pfed.config import PrivacyConfig
+
+__all__ = ["PeerPrivacy", "epsilon_after", "steps_within"]
+
+
+def epsilon_after(accountant: str, *, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon that opacus's `accountant` gives for `steps` DP-SGD steps at this noise and sample rate."""
+    if steps == 0:
+        return 0.0
+    acct = create_accountant(accountant)
+    acct.history = [(noise_multiplier, sample_rate, steps)]
+    return float(acct.get_epsilon(delta=delta))
+
+
+def steps_within(
+    budget: float, accountant: str, *, noise_multiplier: float, sample_rate: float, delta: float, limit: int = 10**7
+) -> int:
+    """The most steps whose epsilon stays within `budget` (epsilon grows with steps: a binary search)."""
+
+    def fits(k: int) -> bool:
+        return (
+            epsilon_after(accountant, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=k, delta=delta)
+            <= budget
+        )
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high < limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+class PeerPrivacy:
+    def __init__(self, cfg: PrivacyConfig, *, batch_size: int, dataset_size: int, min_group_size: int) -> None:
+        if dataset_size < batch_size:
+            raise ValueError(f"privacy.dp needs a shard of at least batch_size examples, got {dataset_size}")
+        self.cfg = cfg
+        self.sample_rate = batch_size / dataset_size
+        self.noise_multiplier = cfg.noise_multiplier  # what the accountant composes
+        share = math.sqrt(min_group_size) if cfg.distributed_noise else 1.0
+        self.local_noise_multiplier = cfg.noise_multiplier / share  # what this peer adds
+        self.batch_size = batch_size
+        self.accountant = create_accountant(cfg.accountant)
+        self.steps = 0
+        self.max_steps = (
+            steps_within(
+                cfg.target_epsilon, cfg.accountant, noise_multiplier=self.noise_multiplier,
+                sample_rate=self.sample_rate, delta=cfg.delta,
+            )
+            if cfg.target_epsilon is not None
+            else None
+        )  # fmt: skip
+        self._optimizer: DPOptimizer | None = None
+        self._module: GradSampleModule | None = None
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Hook `model` for per-sample gradients; `optimizer` stays the one that steps (this only rewrites p.grad)."""
+        # opacus's hooks on the first layer see no input that requires grad (token ids): torch warns every step
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        self._module = GradSampleModule(model, loss_reduction="mean")
+        self._optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=self.local_noise_multiplier,
+            max_grad_norm=self.cfg.max_grad_norm,
+            expected_batch_size=self.batch_size,
+            loss_reduction="mean",
+        )
+
+    def zero_grad(self) -> None:
+        assert self._optimizer is not None
+        self._optimizer.zero_grad(set_to_none=True)  # also drops the per-sample gradients of the last step
+
+    def privatize(self, micro_batches: int) -> None:
+        """Turn the per-sample gradients of one batch (taken in `micro_batches` forward/backward passes, each of
+        mean loss) into its DP-SGD gradient in p.grad, and account for the step."""
+        assert self._optimizer is not None
+        # opacus divides by expected_batch_size per pass it saw: here the passes are pieces of one batch
+        self._optimizer.expected_batch_size = self.batch_size / micro_batches  # type: ignore[assignment]
+        self._optimizer.pre_step()
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.steps += 1
+
+    def epsilon(self) -> float:
+        return float(self.accountant.get_epsilon(delta=self.cfg.delta)) if self.steps else 0.0
+
+    def steps_left(self) -> int | None:
+        return None if self.max_steps is None else max(0, self.max_steps - self.steps)
+
+    def report(self) -> dict[str, Any]:
+        """What anyone needs to recompute epsilon: the peer report's privacy fields."""
+        return {
+            "epsilon": self.epsilon(),
+            "delta": self.cfg.delta,
+            "accountant": self.cfg.accountant,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "dp_steps": self.steps,
+            "max_grad_norm": self.cfg.max_grad_norm,
+            "target_epsilon": self.cfg.target_epsilon,
+            "distributed_noise": self.cfg.distributed_noise,
+        }
