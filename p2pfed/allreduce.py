@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import math
 import multiprocessing as mp
 import socket
 import time
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,8 +24,10 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.compression import NoCompression
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
 
+from p2pfed.admission import Admission
 from p2pfed.butterfly import Butterfly, ButterflyStats
 from p2pfed.compression import Compressor, Fp32
 from p2pfed.errors import UserError
@@ -32,6 +36,8 @@ from p2pfed.reductions import AllReduce, Dense, Reduction, round_seed
 from p2pfed.secagg import Group, SecureAggregation
 
 __all__ = ["SwarmAverager", "listen_tcp"]
+
+logger = logging.getLogger(__name__)
 
 
 class _ByteCounters:
@@ -60,6 +66,8 @@ class SwarmAverager(DecentralizedAverager):
         tcp_socket: socket.socket | None = None,
         chunk_timeout: float = 10.0,
         secure: SecureAggregation | None = None,
+        admission: Admission | None = None,
+        peers_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         self._counters = _ByteCounters()
@@ -68,6 +76,8 @@ class SwarmAverager(DecentralizedAverager):
         self._chunk_timeout = chunk_timeout
         self._hierarchical = hierarchical
         self._secure = secure  # masks every all-reduce of a round (p2pfed/secagg.py); see step()
+        self._admission = admission  # who may join groups and download state (p2pfed/admission.py)
+        self._peers_key = peers_key  # the run's sealed peer announcements: who may download state
         self._tcp_socket = tcp_socket  # listening; inherited by the averager process, which accepts on it
         self._butterfly: Butterfly | None = None  # made in the averager process, on its event loop
         kwargs.setdefault("state_compression", NoCompression())
@@ -76,6 +86,9 @@ class SwarmAverager(DecentralizedAverager):
     def step(self, gather: Any = None, weight: float | None = None, **kwargs: Any) -> Any:
         """hivemind's step; with secure aggregation, `gather` (a dict) also carries this member's mask key and, so
         that a dense round needs no extra exchange for its fixed-point scale, its weight and largest |value|."""
+        if self._admission is not None:
+            gather = dict(gather or {})
+            gather["admit"] = self._admission.token(self.peer_id.to_bytes())
         if self._secure is not None:
             with self.get_tensors() as tensors:
                 maxabs = max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
@@ -134,6 +147,14 @@ class SwarmAverager(DecentralizedAverager):
     ) -> None:
         group_id = group_info.group_id if group_id is None else group_id
         self._running_groups[group_id].set_result(None)  # hivemind's bookkeeping: this group's all-reduce started
+        gathered = self._gathered(group_info)
+        if self._admission is not None:  # before any byte of an update moves
+            for peer, info in zip(group_info.peer_ids, gathered, strict=True):
+                reason = self._admission.check(peer.to_bytes(), info.get("admit"), name=peer.to_base58())
+                if reason:
+                    logger.warning("round refused: %s", reason)
+                    self._last_stats = ButterflyStats(reason=f"not admitted: {reason}")
+                    return
         peers = list(group_info.peer_ids)
         me = peers.index(self.peer_id)
         shares = [float(f) for f in kwargs["peer_fractions"]]
@@ -142,7 +163,6 @@ class SwarmAverager(DecentralizedAverager):
         stats = ButterflyStats()
         self._last_stats = stats
 
-        gathered = self._gathered(group_info)
         members = _members(group_info, gathered, shares, weight) if self._hierarchical else None
         routes = _routes(group_info, gathered)
         seed = round_seed(group_id)  # the same on every member: shared-seed compressors draw alike
@@ -205,11 +225,59 @@ class SwarmAverager(DecentralizedAverager):
 
     def _gathered(self, group_info: GroupInfo) -> list[dict[str, Any]]:
         """What each member passed as `gather` to step(), in group order ({} for a member that passed none)."""
-        out = []
-        for blob in group_info.gathered:
+        return [self._user_gather(blob) for blob in group_info.gathered]
+
+    def _user_gather(self, blob: bytes) -> dict[str, Any]:
+        """The `gather` dict inside one member's hivemind gather blob ({} when there is none or it is malformed)."""
+        try:
             user = self.serializer.loads(self.serializer.loads(blob)[2])
-            out.append(user if isinstance(user, dict) else {})
-        return out
+        except Exception:
+            return {}
+        return user if isinstance(user, dict) else {}
+
+    # hivemind reads the message types from these annotations, and knows a stream only by typing.AsyncIterator
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> typing.AsyncIterator[averaging_pb2.MessageFromLeader]:
+        """A leader turns away a peer that is not admitted before it can enter the group."""
+        if self._admission is not None:
+            remote = context.remote_id
+            admit = self._user_gather(request.gather).get("admit")
+            reason = self._admission.check(remote.to_bytes(), admit, name=remote.to_base58())
+            if reason:
+                logger.warning("join request refused: %s", reason)
+                yield averaging_pb2.MessageFromLeader(code=averaging_pb2.MessageCode.BAD_GROUP_KEY)
+                return
+        async for response in super().rpc_join_group(request, context):
+            yield response
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> typing.AsyncIterator[averaging_pb2.DownloadData]:
+        """State goes only to admitted peers: on the lists, and (with a swarm key) with a sealed announcement."""
+        if self._admission is not None:
+            remote = context.remote_id.to_base58()
+            reason = self._admission.check(b"", None, name=remote) if self._admission.key is None else ""
+            if not reason and self._admission.key is not None:
+                reason = self._admission.check(b"", None, name=remote) if remote in self._admission.revoke else ""
+                if not reason and self._admission.allow and remote not in self._admission.allow:
+                    reason = f"peer {remote} is not on privacy.allow"
+                if not reason and not await self._announced(remote):
+                    reason = f"peer {remote} has no announcement sealed with this swarm's key"
+            if reason:
+                logger.warning("state download refused: %s", reason)
+                return
+        async for part in super().rpc_download_state(request, context):
+            yield part
+
+    async def _announced(self, peer: str) -> bool:
+        if self._peers_key is None:
+            return False
+        try:
+            found = await self.dht.get(self._peers_key, latest=True, return_future=True)
+        except Exception:
+            return False
+        return found is not None and isinstance(found.value, dict) and peer in found.value
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Any]:
         if self._state_fn is None:

@@ -284,10 +284,11 @@ class Butterfly:
             handler.add_done_callback(self._handlers.discard)
 
     async def _handle_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._handle(StreamChannel(reader, writer, timeout=self.chunk_timeout))
+        await self._handle(StreamChannel(reader, writer, timeout=self.chunk_timeout), remote=info.peer_id)
 
-    async def _handle(self, channel: Channel) -> None:
-        """Serve one sender: read its part, add it to this peer's slice, reply with the slice's mean."""
+    async def _handle(self, channel: Channel, *, remote: PeerID | None = None) -> None:
+        """Serve one sender: read its part, add it to this peer's slice, reply with the slice's mean. `remote`: the
+        peer libp2p authenticated for the stream (None on direct TCP), which must be a member of the group."""
         try:
             kind = await channel.read_exactly(4)
             if kind not in (_MAGIC, _PULL):
@@ -306,6 +307,8 @@ class Butterfly:
                 if not piece.done():
                     self._slices.pop(tag, None)
                 raise PartFailed("this peer never started that all-reduce") from None
+            if remote is not None and remote not in mine.peers:
+                raise PartFailed(f"peer {remote.to_base58()[-6:]} is not a member of this all-reduce")
             reading: asyncio.Future[None] | None = None
             if kind == _PULL:
                 mine.stats.bytes_received += 4 + _U16.size + tag_len + _REQUEST.size + _WAIT.size

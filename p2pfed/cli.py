@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -203,16 +204,41 @@ def swarm(
 
 
 @main.command()
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="swarm key file to create")
+@click.option("--identity", "identity_path", type=click.Path(dir_okay=False), default=None,
+              help="also create a libp2p peer identity here (for `p2pfed peer --identity`)")  # fmt: skip
+@user_errors
+def keygen(out_path: str, identity_path: str | None) -> None:
+    """Create a swarm key (privacy.swarm_key): only peers holding it may join this swarm's averaging."""
+    from p2pfed.admission import write_swarm_key
+
+    if identity_path is not None and Path(identity_path).exists():
+        raise UserError(f"{identity_path!r} already exists: refusing to overwrite a peer identity")
+    write_swarm_key(out_path)
+    click.echo(f"swarm key written to {out_path} (mode 0600): give it to every peer, set privacy.swarm_key")
+    if identity_path is not None:
+        from hivemind.p2p import P2P
+
+        P2P.generate_identity(identity_path)
+        Path(identity_path).chmod(0o600)
+        click.echo(f"peer identity written to {identity_path}")
+
+
+@main.command()
 @click.option("--initial-peers", multiple=True, required=True, metavar="MADDR", help="any live peer of the swarm")
 @click.option("--run", "run_id", help="only this run (default: every run found)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 @click.option("--timeout", type=click.FloatRange(min=1), default=15.0, show_default=True, help="seconds for DHT reads")
+@click.option("--swarm-key", "swarm_key", type=click.Path(dir_okay=False), default=None,
+              help="the swarm's key file, to read a swarm that has one")  # fmt: skip
 @user_errors
-def status(initial_peers: tuple[str, ...], run_id: str | None, as_json: bool, timeout: float) -> None:
+def status(
+    initial_peers: tuple[str, ...], run_id: str | None, as_json: bool, timeout: float, swarm_key: str | None
+) -> None:
     """List the live peers of the swarm reachable through --initial-peers."""
     from p2pfed.status import collect_status, render_status
 
-    runs = collect_status(list(initial_peers), run_id=run_id, timeout=timeout)
+    runs = collect_status(list(initial_peers), run_id=run_id, timeout=timeout, swarm_key=swarm_key)
     if as_json:
         click.echo(json.dumps(runs, indent=2))
     else:
@@ -396,6 +422,31 @@ def bench_secagg(
         for key, value in result.items():
             click.echo(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     sys.exit(1 if result["leftovers"] else 0)
+
+
+@bench.command("dp")
+@_config_option
+@_set_option
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="training steps per side")
+@click.option("--target-epsilon", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
+              help="epsilon the private side ends at (its noise multiplier is chosen for it)")  # fmt: skip
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's choice)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@user_errors
+def bench_dp(
+    config_path: str, overrides: tuple[str, ...], steps: int, target_epsilon: float, threads: int | None, as_json: bool
+) -> None:
+    """DP-SGD vs non-private training on one peer: step time ratio and eval loss at a target epsilon."""
+    from p2pfed.bench.dp import run_dp_bench
+    from p2pfed.config import load_config
+
+    cfg = load_config(config_path, list(overrides))
+    result = run_dp_bench(cfg, steps=steps, target_epsilon=target_epsilon, threads=threads)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for key, value in result.items():
+            click.echo(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
 
 
 @bench.command("hivemind-peer", hidden=True)

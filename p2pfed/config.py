@@ -180,6 +180,15 @@ class PrivacyConfig(_Section):
         description="dp with secure_aggregation, sync mode: each peer adds noise_multiplier / sqrt(averaging."
         "min_group_size) of the noise, so that each round's masked sum carries the full noise",
     )
+    swarm_key: str | None = Field(
+        None,
+        description="path of a swarm key file (`p2pfed keygen`): DHT records are sealed with it and only peers that "
+        "hold it are placed in averaging groups or served state",
+    )
+    allow: list[str] = Field(
+        default_factory=list, description="peer ids (base58) admitted to averaging and state sharing; empty: anyone"
+    )
+    revoke: list[str] = Field(default_factory=list, description="peer ids never admitted, even with the swarm key")
     secure_aggregation: bool = Field(
         False,
         description="mask each update with pairwise X25519/ChaCha20 masks in a fixed-point ring, so a peer that "

@@ -47,6 +47,7 @@ from p2pfed.actors.messages import (
 )
 from p2pfed.actors.monitor import Monitor, Sink
 from p2pfed.actors.trainer import Trainer
+from p2pfed.admission import Admission
 from p2pfed.config import Config, Profile
 from p2pfed.data import load_corpus
 from p2pfed.errors import ActorDeadError, UserError
@@ -162,6 +163,7 @@ class Peer:
     async def run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         cfg = self.cfg
+        self.admission = Admission.from_config(cfg.privacy)  # a bad key file stops here, in one line
         self.monitor = Monitor(self.opt.sink)
         self.discovery = Discovery(
             run_id=cfg.run.id,
@@ -172,6 +174,7 @@ class Peer:
             record_ttl=cfg.swarm.record_ttl,
             announce_every=cfg.swarm.announce_every,
             run_info={"min_peers": cfg.swarm.min_peers, "mode": cfg.averaging.mode},
+            record_validators=[v for v in [self.admission.dht_validator() if self.admission else None] if v],
         )
         self.sup = Supervisor([self.monitor, self.discovery])
         try:
@@ -206,6 +209,7 @@ class Peer:
                 state_fn=self.trainer.current_state,
                 client_mode=self.profile.client_mode,
                 cloud=self.profile.cloud,
+                admission=self.admission,
             )
             await self.sup.start_one(self.averager)
             self.overlap = OverlappedRounds(

@@ -7,15 +7,20 @@ import time
 from typing import Any
 
 from p2pfed.actors.discovery import read_peers, runs_key, start_dht
+from p2pfed.admission import SealedRecords, read_swarm_key
 from p2pfed.errors import UserError
 
 __all__ = ["collect_status", "render_status"]
 
 
-def collect_status(initial_peers: list[str], *, run_id: str | None, timeout: float) -> list[dict[str, Any]]:
+def collect_status(
+    initial_peers: list[str], *, run_id: str | None, timeout: float, swarm_key: str | None = None
+) -> list[dict[str, Any]]:
+    validator = SealedRecords(read_swarm_key(swarm_key)) if swarm_key is not None else None
     dht = start_dht(
-        initial_peers=initial_peers, listen="/ip4/127.0.0.1/tcp/0", client_mode=True, startup_timeout=timeout
-    )
+        initial_peers=initial_peers, listen="/ip4/127.0.0.1/tcp/0", client_mode=True, startup_timeout=timeout,
+        record_validators=[validator] if validator is not None else [],
+    )  # fmt: skip
     try:
         # A client that has just joined may not reach the nodes holding the key on its first lookup: retry briefly.
         deadline = time.monotonic() + min(timeout, 10.0)

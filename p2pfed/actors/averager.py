@@ -22,7 +22,9 @@ import torch
 from hivemind.utils import get_dht_time
 
 from p2pfed.actors.base import Actor
+from p2pfed.actors.discovery import peers_key
 from p2pfed.actors.messages import DownloadState, RoundResult, RunRound, SetGroupSize
+from p2pfed.admission import Admission
 from p2pfed.allreduce import SwarmAverager, listen_tcp
 from p2pfed.config import Config
 from p2pfed.reductions import make_reduction
@@ -45,10 +47,12 @@ class Averager(Actor):
         state_fn: Callable[[], tuple[Any, Sequence[torch.Tensor]]],
         client_mode: bool,
         cloud: str,
+        admission: Admission | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.dht, self.numel, self.state_fn, self.client_mode = cfg, dht, numel, state_fn, client_mode
         self.cloud = cloud
+        self.admission = admission
         self.buffer = torch.zeros(numel, dtype=torch.float32)
         self.avg: SwarmAverager | None = None
         self._control: Any = None  # the hivemind StepControl of the round in flight
@@ -73,6 +77,8 @@ class Averager(Actor):
             hierarchical=a.mode == "hierarchical",
             tcp_socket=tcp[0] if tcp is not None else None,
             secure=SecureAggregation(self.mask_key, run=self.cfg.run.id.encode()) if self.mask_key else None,
+            admission=self.admission,
+            peers_key=peers_key(self.cfg.run.id),
             chunk_timeout=a.timeout / 3,
             client_mode=self.client_mode,
             declare_state_period=self.cfg.swarm.record_ttl,

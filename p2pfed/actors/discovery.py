@@ -42,6 +42,7 @@ def start_dht(
     identity_path: str | None = None,
     announce_maddrs: Sequence[str] = (),
     startup_timeout: float = 30.0,
+    record_validators: Sequence[Any] = (),
 ) -> hivemind.DHT:
     """Start a DHT process bound to `listen` only, with NAT traversal off; user mistakes become UserError."""
     for maddr in initial_peers:
@@ -55,6 +56,8 @@ def start_dht(
         kwargs["identity_path"] = identity_path
     if announce_maddrs:
         kwargs["announce_maddrs"] = list(announce_maddrs)
+    if record_validators:  # e.g. the swarm key's sealing (p2pfed/admission.py)
+        kwargs["record_validators"] = list(record_validators)
     # A daemon that cannot dial its bootstrap peers exits at once; under load a live peer can miss that first
     # dial, so keep trying for a while before calling the address unreachable.
     give_up = time.monotonic() + _BOOTSTRAP_RETRY_S
@@ -125,6 +128,7 @@ class Discovery(Actor):
         announce_every: float,
         run_info: dict[str, Any],
         request_timeout: float = 10.0,
+        record_validators: Sequence[Any] = (),
     ) -> None:
         super().__init__()
         self.run_id, self.listen, self.initial_peers = run_id, listen, list(initial_peers)
@@ -132,6 +136,7 @@ class Discovery(Actor):
         self.record_ttl, self.announce_every = record_ttl, announce_every
         self.run_info = run_info
         self.request_timeout = request_timeout
+        self.record_validators = list(record_validators)
         self.dht: hivemind.DHT | None = None
         self._record: PeerRecord | None = None
         self._announcer: asyncio.Task[None] | None = None
@@ -153,6 +158,7 @@ class Discovery(Actor):
             listen=self.listen,
             client_mode=self.client_mode,
             identity_path=self.identity_path,
+            record_validators=self.record_validators,
         )
         logger.info("DHT up in %.1fs", time.perf_counter() - t0)
         self._announcer = asyncio.create_task(self._announce_periodically())
