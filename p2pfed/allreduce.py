@@ -167,7 +167,9 @@ class SwarmAverager(DecentralizedAverager):
         routes = _routes(group_info, gathered)
         seed = round_seed(group_id)  # the same on every member: shared-seed compressors draw alike
 
-        async def plain_allreduce(vector: torch.Tensor, codec: Compressor, phase: str) -> torch.Tensor | None:
+        async def plain_allreduce(
+            vector: torch.Tensor, codec: Compressor, phase: str, reply: Compressor | None = None
+        ) -> torch.Tensor | None:
             tag, timeout = group_id + phase.encode(), self._allreduce_timeout or 60.0
             if members is not None:
                 mean, phase_stats = await hierarchical_allreduce(
@@ -193,6 +195,7 @@ class SwarmAverager(DecentralizedAverager):
                     round=seed,
                     timeout=timeout,
                     routes=routes,
+                    reply_codec=reply,
                 )
             stats.merge(phase_stats)
             return mean

@@ -99,19 +99,26 @@ class Butterfly:
         round: int,
         timeout: float,
         routes: Routes | None = None,
+        reply_codec: Compressor | None = None,
     ) -> tuple[torch.Tensor | None, ButterflyStats]:
         """The group's weighted mean of `vector` (flat fp32), or None with the reason in stats when any part failed.
 
         `tag` names this all-reduce on every member (group id plus a phase), `round` seeds the codec's randomness.
-        `routes` maps members to direct TCP endpoints; members without one are reached over libp2p.
+        `routes` maps members to direct TCP endpoints; members without one are reached over libp2p. `reply_codec`
+        (default: `codec`) carries the reduced slices back, when they take another form than the parts (secure
+        aggregation: masked ring elements go out, the decoded mean comes back).
         """
+        replies = reply_codec or codec
         stats = ButterflyStats()
         sizes = split_sizes(vector.numel(), shares)
         parts = list(vector.split(sizes))
-        out = torch.empty(vector.numel(), dtype=codec.dtype)  # each averaged part is read (or decoded) into its place
+        out = torch.empty(vector.numel(), dtype=replies.dtype)  # each averaged part is read (or decoded) into place
         outs = list(out.split(sizes))
         piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
-        mine = Slice(peers=peers, senders=len(peers), size=sizes[me], codec=codec, round=round, stats=stats)
+        mine = Slice(
+            peers=peers, senders=len(peers), size=sizes[me], codec=codec, round=round, stats=stats,
+            reply_codec=replies,
+        )  # fmt: skip
         if sizes[me] > 0:
             if not piece.done():
                 piece.set_result(mine)
@@ -121,8 +128,18 @@ class Butterfly:
         try:
             exchanges = [
                 self._exchange(
-                    peers[j], tag, me, weight, parts[j], outs[j], codec=codec, round=round, stats=stats, routes=routes
-                )
+                    peers[j],
+                    tag,
+                    me,
+                    weight,
+                    parts[j],
+                    outs[j],
+                    codec=codec,
+                    round=round,
+                    stats=stats,
+                    routes=routes,
+                    reply_codec=replies,
+                )  # fmt: skip
                 if j != me and sizes[j] > 0
                 else self._own(mine, outs[j])
                 for j in range(len(peers))
@@ -219,6 +236,7 @@ class Butterfly:
         stats: ButterflyStats,
         wait: float = 0.0,
         routes: Routes | None = None,
+        reply_codec: Compressor | None = None,
     ) -> None:
         """Send `part` to the member that reduces it and read the averaged part back into `out`; with part None, read
         the vector that member broadcasts into `out`."""
@@ -249,7 +267,9 @@ class Butterfly:
                     stats.bytes_received += 4 + len(reason)
                     raise PartFailed(f"reducer {remote[-6:]} failed: {reason.decode(errors='replace')}")
                 try:
-                    _, n = await _read_piece(channel, codec, dest.numel(), piece_round(round, index), into=dest)
+                    _, n = await _read_piece(
+                        channel, reply_codec or codec, dest.numel(), piece_round(round, index), into=dest
+                    )
                 except ValueError as e:
                     raise PartFailed(f"bad reply from {remote[-6:]}: {e}") from None
                 stats.bytes_received += n

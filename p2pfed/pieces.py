@@ -76,8 +76,10 @@ class Slice:
         round: int,
         stats: ButterflyStats,
         replies: int | None = None,
+        reply_codec: Compressor | None = None,
     ) -> None:
         self.peers, self.senders, self.codec, self.round, self.stats = peers, senders, codec, round, stats
+        self.reply_codec = reply_codec or codec  # the form the reduced pieces go back in
         self.replies = senders - 1 if replies is None else replies  # streams that wait for this slice's mean
         self.sizes = piece_sizes(size)
         self.totals: list[torch.Tensor | None] = [None] * len(self.sizes)  # (piece,) fp32, sums of weight * piece
@@ -123,7 +125,7 @@ class Slice:
         total = self.totals[index]
         assert total is not None
         mean = self.codec.reduced(total, self.weights[index])  # total is this slice's own buffer
-        self.reply[index] = self.codec.compress(mean, round=piece_round(self.round, index))
+        self.reply[index] = self.reply_codec.compress(mean, round=piece_round(self.round, index))
         self.totals[index] = None  # the reply is all that is needed from here on
         self.ready[index].set()
         self.reduced += 1
@@ -135,5 +137,6 @@ class Slice:
         for index, (payload, dest) in enumerate(zip(self.reply, out.split(self.sizes), strict=True)):
             if payload is None:
                 raise PartFailed(f"this peer's slice failed: {self.error}")
-            dest.copy_(self.codec.decompress(payload, numel=dest.numel(), round=piece_round(self.round, index)))
+            decoded = self.reply_codec.decompress(payload, numel=dest.numel(), round=piece_round(self.round, index))
+            dest.copy_(decoded)
         return out

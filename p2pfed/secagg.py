@@ -17,8 +17,9 @@ One all-reduce of `vector` (flat fp32) under masks, with `inner` the plain all-r
    all-reduce tag (group id and phase) and the group's member list; ChaCha20 expands it into one mask per element.
    The member with the smaller peer id adds the mask, the other subtracts it, modulo 2^b.
 4. Sum. The butterfly all-reduce sums the masked elements modulo 2^b (compression/ring.py, b bits per element on
-   the wire, both legs); the masks cancel, and every member decodes the exact sum of the quantized updates: the
-   weighted mean, bit for bit what the same round computes without masks (`mask=False`).
+   the way to each reducer); the masks cancel, and each reducer decodes the exact sum of its slice's quantized
+   updates, the weighted mean, and sends it back through the round's own codec (fp32, fp16 or uint8: the reply leg
+   carries the group's result, nothing private). Bit for bit what the same round computes without masks.
 
 A member that drops out fails the butterfly round for everyone (it is strict), so a half-masked sum never reaches
 a model; the next round forms without it. Composes with every linear reduction (fp32, fp16, uint8, shared-seed
@@ -44,7 +45,8 @@ from p2pfed.compression.ring import Ring
 
 __all__ = ["Group", "MaskKey", "SecureAggregation", "ring_bits"]
 
-InnerAllReduce = Callable[[torch.Tensor, Compressor, str], Awaitable[torch.Tensor | None]]
+# inner(vector, codec, phase, reply=None): the plain all-reduce; `reply` is the codec the reduced slices come back in
+InnerAllReduce = Callable[..., Awaitable[torch.Tensor | None]]
 
 _CHUNK = 1 << 20  # elements quantized and masked at a time (bounds the float64 and keystream temporaries)
 _VALUE_BITS = {Fp16: 16, Uint8: 8}  # fp32 takes what is left of 32 bits
@@ -135,11 +137,9 @@ class SecureAggregation:
             x, factor=mine * levels / scale, levels=levels, bits=bits, stochastic=value_bits <= 16, group=group,
             tag=group.tag + phase.encode(),
         )  # fmt: skip
-        # 4. the exact sum in Z_2^b
-        total = await inner(masked, Ring(bits=bits), phase + ".ring")
-        if total is None:
-            return None
-        return decode(total, bits=bits).mul_(scale / levels).float()
+        # 4. the exact sum in Z_2^b, decoded by each reducer and sent back in the round's codec
+        reply = Fp32() if type(codec) is Fp32 else codec
+        return await inner(masked, Ring(bits=bits, unit=scale / levels), phase + ".ring", reply=reply)
 
     def masked(
         self, x: torch.Tensor, *, factor: float, levels: int, bits: int, stochastic: bool, group: Group, tag: bytes
@@ -182,11 +182,3 @@ class SecureAggregation:
             cipher = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None)
             streams.append((1 if mine < peer else -1, cipher.encryptor()))
         return streams
-
-
-def decode(total: torch.Tensor, *, bits: int) -> torch.Tensor:
-    """Ring elements (int32 carrying values in [0, 2^b)) as the signed integers they stand for, in fp64 (exact)."""
-    shift = 32 - bits
-    u = total.numpy().view(np.uint32)
-    signed = (u << np.uint32(shift)).view(np.int32) >> shift  # the top ring bit is the sign: shift it into place
-    return torch.from_numpy(signed.astype(np.float64))

@@ -25,9 +25,11 @@ __all__ = ["Ring"]
 
 @dataclass(kw_only=True)
 class Ring(Compressor):
-    """bits: b, the ring's width (1-32)."""
+    """bits: b, the ring's width (1-32). unit: when set, a reducer's result is the sum decoded to fp32 (its signed
+    value times `unit`) rather than the ring elements, for replies in another codec."""
 
     bits: int
+    unit: float | None = None
     dtype = torch.int32
 
     def __post_init__(self) -> None:
@@ -84,7 +86,16 @@ class Ring(Compressor):
 
     def reduced(self, total: torch.Tensor, weight: float) -> torch.Tensor:
         np.bitwise_and(_u32(total), np.uint32(self.modulus_mask), out=_u32(total))
-        return total
+        if self.unit is None:
+            return total
+        return torch.from_numpy((signed(total, bits=self.bits) * self.unit).astype(np.float32))
+
+
+def signed(total: torch.Tensor, *, bits: int) -> np.ndarray:
+    """Ring elements (int32 carrying values in [0, 2^b)) as the signed integers they stand for, in fp64 (exact)."""
+    shift = 32 - bits
+    u = _u32(total)
+    return ((u << np.uint32(shift)).view(np.int32) >> shift).astype(np.float64)  # the top ring bit is the sign
 
 
 def _u32(t: torch.Tensor) -> np.ndarray:
