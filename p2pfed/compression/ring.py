@@ -46,6 +46,8 @@ class Ring(Compressor):
 
     def compress(self, x: torch.Tensor, *, round: int) -> Payload:
         check_round(round)
+        if self.bits == 32:  # the int32 bytes are the wire form: no copy
+            return Payload(_u32(x).view(np.uint8).data.toreadonly(), header=(x.numel(), 32))
         u = _u32(x) & np.uint32(self.modulus_mask)  # (numel,)
         whole, rest = divmod(self.bits, 8)
         numel = u.size
@@ -66,6 +68,9 @@ class Ring(Compressor):
         if len(payload.data) != self.nbytes(numel):
             raise ValueError(f"ring payload has {len(payload.data)} bytes, expected {self.nbytes(numel)}")
         data = np.frombuffer(payload.data, dtype=np.uint8)
+        if self.bits == 32:
+            ints = data.view(np.int32)
+            return torch.from_numpy(ints if ints.flags.writeable else ints.copy())
         whole, rest = divmod(self.bits, 8)
         lanes = np.zeros((numel, 4), dtype=np.uint8)
         lanes[:, :whole] = data[: numel * whole].reshape(numel, whole)
