@@ -128,6 +128,9 @@ class Peer:
             samples_per_s=round(self.samples_per_s, 2),
             ready=ready,
             finished=finished,
+            epsilon=self.trainer.privacy.epsilon()
+            if hasattr(self, "trainer") and self.trainer.privacy is not None
+            else None,
         )
 
     async def _swarm_size(self) -> tuple[int, int]:

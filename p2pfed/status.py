@@ -55,8 +55,10 @@ def render_status(runs: list[dict[str, Any]]) -> None:
         return
     for run in runs:
         table = Table(title=f"run {run['run_id']}", title_justify="left")
-        for col in ("peer", "cloud", "device", "step", "loss", "samples/s", "state"):
-            table.add_column(col, justify="right" if col in ("step", "loss", "samples/s") else "left")
+        private = any(p.get("epsilon") is not None for p in run["peers"])
+        columns = ("peer", "cloud", "device", "step", "loss", "samples/s", *(["epsilon"] if private else []), "state")
+        for col in columns:
+            table.add_column(col, justify="right" if col in ("step", "loss", "samples/s", "epsilon") else "left")
         for p in run["peers"]:
             loss = f"{p['loss']:.4f}" if p["loss"] is not None else "-"
             table.add_row(
@@ -66,6 +68,7 @@ def render_status(runs: list[dict[str, Any]]) -> None:
                 str(p["step"]),
                 loss,
                 f"{p['samples_per_s']:.1f}",
+                *([f"{p['epsilon']:.3f}" if p.get("epsilon") is not None else "-"] if private else []),
                 "finished" if p["finished"] else "training",
             )
         console.print(table)

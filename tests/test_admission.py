@@ -17,7 +17,7 @@ from p2pfed.admission import Admission, SealedRecords, read_swarm_key, write_swa
 from p2pfed.errors import UserError
 from tests.conftest import TINY, Launcher, wait_no_leftovers
 
-STEPS = 20
+STEPS = 60
 
 
 def test_swarm_key_files_tokens_and_lists(tmp_path: Path) -> None:
@@ -67,11 +67,16 @@ def test_a_peer_without_the_key_never_joins_a_round(launcher: Launcher, tmp_path
             "--set", f"privacy.swarm_key={key}", "--report", str(tmp_path / f"{name}.json"), *extra, name=name,
         )  # fmt: skip
 
-    # Execute: two keyed peers, and an intruder given the right bootstrap address but the wrong key
-    a = peer("a", good, "--set", "swarm.min_peers=2")
+    # Execute: two keyed peers (private, too), and an intruder given the right bootstrap address but the wrong key
+    a = peer("a", good, "--set", "swarm.min_peers=2", "--set", "privacy.dp=true")
     address = a.bootstrap()  # type: ignore[attr-defined]
-    b = peer("b", good, "--set", "swarm.min_peers=2", "--initial-peers", address)
+    b = peer("b", good, "--set", "swarm.min_peers=2", "--set", "privacy.dp=true", "--initial-peers", address)
     c = peer("c", bad, "--set", "swarm.min_peers=1", "--initial-peers", address)
+    a.wait_for('"kind": "progress"', timeout=120)  # type: ignore[attr-defined]
+    keyed = launcher.start("status", "--initial-peers", address, "--swarm-key", str(good), "--json", name="status")
+    assert keyed.wait(timeout=60) == 0, keyed.stderr()
+    (run,) = [r for r in json.loads(keyed.stdout()) if r["run_id"] == "tiny"]
+    assert len(run["peers"]) == 2 and all(p["epsilon"] is not None for p in run["peers"])  # a and b, not c
     for proc in (a, b, c):
         assert proc.wait(timeout=300) == 0, proc.stderr()[-3000:]  # type: ignore[attr-defined]
 

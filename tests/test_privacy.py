@@ -97,3 +97,15 @@ def test_a_peer_reports_a_reproducible_epsilon_and_stops_at_its_budget(launcher:
     accountant.step(noise_multiplier=report["noise_multiplier"], sample_rate=report["sample_rate"])
     assert accountant.get_epsilon(delta=report["delta"]) > target  # one more step would have passed the budget
     assert wait_no_leftovers(launcher) == []
+
+
+def test_distributed_noise_splits_sigma_over_the_smallest_group_and_needs_masking() -> None:
+    from p2pfed.config import load_config
+    from p2pfed.errors import ConfigError
+
+    cfg = PrivacyConfig(dp=True, noise_multiplier=2.0, distributed_noise=True, secure_aggregation=True)
+    privacy = PeerPrivacy(cfg, batch_size=8, dataset_size=800, min_group_size=4)
+    assert privacy.local_noise_multiplier == pytest.approx(1.0)  # 2 / sqrt(4): four shares sum to sigma 2
+    assert privacy.noise_multiplier == 2.0  # what the accountant composes
+    with pytest.raises(ConfigError, match="distributed_noise needs"):
+        load_config(TINY, ["privacy.dp=true", "privacy.distributed_noise=true"])

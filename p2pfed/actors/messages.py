@@ -48,6 +48,7 @@ class PeerRecord:
     ready: bool = False  # in the rounds: joined, caught up with the swarm, averaging
     finished: bool = False
     maddrs: tuple[str, ...] = ()
+    epsilon: float | None = None  # privacy.dp: spent so far (at the run's privacy.delta)
 
 
 @dataclass(frozen=True)
