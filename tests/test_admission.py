@@ -67,16 +67,17 @@ def test_a_peer_without_the_key_never_joins_a_round(launcher: Launcher, tmp_path
             "--set", f"privacy.swarm_key={key}", "--report", str(tmp_path / f"{name}.json"), *extra, name=name,
         )  # fmt: skip
 
-    # Execute: two keyed peers (private, too), and an intruder given the right bootstrap address but the wrong key
+    # Execute: a keyed peer (private, too) that waits for a second; an intruder given the right bootstrap address
+    # but the wrong key; `status` with the key while the first peer waits; then the second keyed peer
     a = peer("a", good, "--set", "swarm.min_peers=2", "--set", "privacy.dp=true")
     address = a.bootstrap()  # type: ignore[attr-defined]
-    b = peer("b", good, "--set", "swarm.min_peers=2", "--set", "privacy.dp=true", "--initial-peers", address)
     c = peer("c", bad, "--set", "swarm.min_peers=1", "--initial-peers", address)
-    a.wait_for('"kind": "progress"', timeout=120)  # type: ignore[attr-defined]
+    a.wait_for('"kind": "waiting"', timeout=120)  # type: ignore[attr-defined]
     keyed = launcher.start("status", "--initial-peers", address, "--swarm-key", str(good), "--json", name="status")
     assert keyed.wait(timeout=60) == 0, keyed.stderr()
     (run,) = [r for r in json.loads(keyed.stdout()) if r["run_id"] == "tiny"]
-    assert len(run["peers"]) == 2 and all(p["epsilon"] is not None for p in run["peers"])  # a and b, not c
+    assert [p["epsilon"] for p in run["peers"]] == [0.0]  # a alone, private, no step yet; never c
+    b = peer("b", good, "--set", "swarm.min_peers=2", "--set", "privacy.dp=true", "--initial-peers", address)
     for proc in (a, b, c):
         assert proc.wait(timeout=300) == 0, proc.stderr()[-3000:]  # type: ignore[attr-defined]
 
