@@ -175,6 +175,11 @@ class PrivacyConfig(_Section):
         None, gt=0.0, description="dp: privacy budget; the peer stops before a step would take epsilon past it"
     )
     accountant: Literal["rdp", "prv", "gdp"] = Field("rdp", description="dp: opacus accountant that composes steps")
+    grad_sample_mode: Literal["hooks", "ghost"] = Field(
+        "hooks",
+        description="dp: how opacus clips each example: 'hooks' (per-example gradients of every layer) or 'ghost' "
+        "(per-example norms without per-example gradients, then a second backward pass: less memory on wide layers)",
+    )
     distributed_noise: bool = Field(
         False,
         description="dp with secure_aggregation, sync mode: each peer adds noise_multiplier / sqrt(averaging."

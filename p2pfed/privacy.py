@@ -1,10 +1,10 @@
 """Differential privacy on one peer: DP-SGD with opacus (per-sample clipping, Gaussian noise) and its accountant.
 
     dp = PeerPrivacy(cfg.privacy, batch_size=8, dataset_size=len(shard), min_group_size=2)
-    dp.attach(model, optimizer)            # opacus hooks: per-sample gradients on every forward/backward
+    dp.attach(model, optimizer)            # opacus hooks on the model's layers
     dp.zero_grad()                         # before a step's micro-batches
-    ...forward/backward over micro-batches...
-    dp.privatize(chunks)                   # p.grad = (sum of clipped per-sample grads + noise) / batch size
+    loss = dp.backward(model, ids)         # per micro-batch (B_i, T): forward, backward, per-example clipping
+    dp.privatize(chunks)                   # p.grad = (sum of clipped per-example grads + noise) / batch size
     dp.epsilon()                           # epsilon spent so far at privacy.delta
     dp.steps_left()                        # private steps until epsilon would pass privacy.target_epsilon
 
@@ -31,7 +31,9 @@ from typing import Any
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
 from p2pfed.config import PrivacyConfig
 
@@ -90,32 +92,70 @@ class PeerPrivacy:
             if cfg.target_epsilon is not None
             else None
         )  # fmt: skip
+        self.ghost = cfg.grad_sample_mode == "ghost"
         self._optimizer: DPOptimizer | None = None
-        self._module: GradSampleModule | None = None
+        self._loss: DPLossFastGradientClipping | None = None
+        self._params: list[torch.nn.Parameter] = []
+        self._clipped: list[torch.Tensor] | None = None  # ghost: the batch's clipped sums so far, per parameter
 
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Hook `model` for per-sample gradients; `optimizer` stays the one that steps (this only rewrites p.grad)."""
+        """Hook `model`'s layers for per-example clipping; `optimizer` stays the one that steps (this only rewrites
+        p.grad)."""
         # opacus's hooks on the first layer see no input that requires grad (token ids): torch warns every step
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-        self._module = GradSampleModule(model, loss_reduction="mean")
-        self._optimizer = DPOptimizer(
-            optimizer,
+        options = dict(
             noise_multiplier=self.local_noise_multiplier,
             max_grad_norm=self.cfg.max_grad_norm,
             expected_batch_size=self.batch_size,
             loss_reduction="mean",
         )
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        if self.ghost:  # opacus's fast gradient clipping: norms from activations and output grads, then a 2nd pass
+            module = GradSampleModuleFastGradientClipping(
+                model, max_grad_norm=self.cfg.max_grad_norm, use_ghost_clipping=True, loss_reduction="mean"
+            )
+            self._optimizer = DPOptimizerFastGradientClipping(optimizer, **options)  # type: ignore[arg-type]
+            criterion = torch.nn.CrossEntropyLoss(reduction="mean")
+            self._loss = DPLossFastGradientClipping(module, self._optimizer, criterion, loss_reduction="mean")
+        else:
+            GradSampleModule(model, loss_reduction="mean")  # hooks the layers; the model is called directly
+            self._optimizer = DPOptimizer(optimizer, **options)  # type: ignore[arg-type]
 
     def zero_grad(self) -> None:
         assert self._optimizer is not None
-        self._optimizer.zero_grad(set_to_none=True)  # also drops the per-sample gradients of the last step
+        self._optimizer.zero_grad(set_to_none=True)  # also drops the per-example state of the last step
+        self._clipped = None
+
+    def backward(self, model: torch.nn.Module, ids: torch.Tensor) -> float:
+        """Forward and backward of one micro-batch (B_i, T) of next-token prediction; its mean loss. Each example's
+        loss is its mean over tokens, as the model's own loss (all sequences have the same length)."""
+        positions = torch.arange(ids.shape[1], device=ids.device).repeat(len(ids), 1)  # per example (GPT-2)
+        if self._loss is None:
+            loss = model(input_ids=ids, labels=ids, position_ids=positions).loss
+            loss.backward()
+            return float(loss.item())
+        logits = model(input_ids=ids, position_ids=positions).logits[:, :-1]  # (B_i, T-1, V)
+        targets = ids[:, 1:]
+        per_example = self._loss(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), shape=logits.shape[:2])
+        per_example.backward()  # two passes: norms, then the sum of the clipped per-example gradients into p.grad
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        if self._clipped is None:
+            self._clipped = [g.detach().clone() for g in grads]
+        else:
+            for total, g in zip(self._clipped, grads, strict=True):
+                total.add_(g)
+        return float(per_example.loss_per_sample.mean().item())
 
     def privatize(self, micro_batches: int) -> None:
-        """Turn the per-sample gradients of one batch (taken in `micro_batches` forward/backward passes, each of
-        mean loss) into its DP-SGD gradient in p.grad, and account for the step."""
+        """Turn the clipped per-example gradients of one batch (taken in `micro_batches` forward/backward passes)
+        into its DP-SGD gradient in p.grad, and account for the step."""
         assert self._optimizer is not None
-        # opacus divides by expected_batch_size per pass it saw: here the passes are pieces of one batch
-        self._optimizer.expected_batch_size = self.batch_size / micro_batches  # type: ignore[assignment]
+        if self._clipped is not None:  # ghost: opacus's own state holds one pass; the batch's sum is ours
+            for p, total in zip(self._params, self._clipped, strict=True):
+                p.grad = total
+                p.summed_grad = None  # type: ignore[attr-defined]
+        else:  # hooks: opacus divides by expected_batch_size per pass it saw, and the passes are pieces of one batch
+            self._optimizer.expected_batch_size = self.batch_size / micro_batches  # type: ignore[assignment]
         self._optimizer.pre_step()
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps += 1

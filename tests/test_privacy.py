@@ -36,8 +36,9 @@ def _reference_grads(model: torch.nn.Module, batch: torch.Tensor, clip: float) -
     return [t / len(batch) for t in total]
 
 
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_dp_gradient_is_the_clipped_per_example_mean_in_micro_batches(arch: str) -> None:
+def test_dp_gradient_is_the_clipped_per_example_mean_in_micro_batches(arch: str, mode: str) -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, preset="tiny", seq_len=16), vocab_size=256, seed=0)
     for module in model.modules():  # GPT-2's dropout would draw differently in the two computations
@@ -46,16 +47,17 @@ def test_dp_gradient_is_the_clipped_per_example_mean_in_micro_batches(arch: str)
     reference_model = copy.deepcopy(model)
     batch = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1))
     clip = 0.05  # small enough that every example is clipped
-    cfg = PrivacyConfig(dp=True, noise_multiplier=1e-9, max_grad_norm=clip)  # noise far below the tolerance
+    cfg = PrivacyConfig(dp=True, noise_multiplier=1e-9, max_grad_norm=clip, grad_sample_mode=mode)  # ~no noise
     privacy = PeerPrivacy(cfg, batch_size=len(batch), dataset_size=600, min_group_size=2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     privacy.attach(model, optimizer)
 
     privacy.zero_grad()
-    for chunk in batch.split(4):  # micro-batches of 4 and 2, each of mean loss
-        positions = torch.arange(chunk.shape[1]).repeat(len(chunk), 1)
-        model(input_ids=chunk, labels=chunk, position_ids=positions).loss.backward()
+    losses = [privacy.backward(model, chunk) for chunk in batch.split(4)]  # micro-batches of 4 and 2
     privacy.privatize(micro_batches=2)
+    with torch.no_grad():
+        expected_loss = reference_model(input_ids=batch[:4], labels=batch[:4]).loss.item()
+    assert losses[0] == pytest.approx(expected_loss, rel=1e-5)
 
     expected = _reference_grads(reference_model, batch, clip)
     for p, e in zip(model.parameters(), expected, strict=True):

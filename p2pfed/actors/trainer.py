@@ -153,11 +153,9 @@ class Trainer(Actor):
             if self.privacy is None:
                 loss = self.model(input_ids=ids, labels=ids).loss
                 (loss * (len(chunk) / len(batch))).backward()
-            else:  # per-example gradients need each pass's own mean loss, and per-example position ids (GPT-2)
-                positions = torch.arange(ids.shape[1], device=self.device).repeat(len(ids), 1)
-                loss = self.model(input_ids=ids, labels=ids, position_ids=positions).loss
-                loss.backward()
-            total_loss += loss.item() * len(chunk)
+                total_loss += loss.item() * len(chunk)
+            else:  # per-example clipping needs each pass's own mean loss
+                total_loss += self.privacy.backward(self.model, ids) * len(chunk)
         if self.privacy is not None:
             self.privacy.privatize(len(chunks))
         return total_loss / len(batch)
