@@ -365,6 +365,15 @@ def bench_comm(
         )
 
 
+def _print_result(result: dict[str, Any], as_json: bool) -> None:
+    """A benchmark's result: one JSON object, or a `key: value` line per figure."""
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for key, value in result.items():
+            click.echo(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+
+
 @bench.command("link")
 @click.option("--peers", "n_peers", type=click.IntRange(min=2, max=16), default=3, show_default=True)
 @click.option("--rate-mbit", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True,
@@ -388,11 +397,7 @@ def bench_link(
         n_peers=n_peers, rate_mbit=rate_mbit, numel=numel, rounds=rounds, compression=compression,
         transport=transport,
     )  # fmt: skip
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        for key, value in result.items():
-            click.echo(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    _print_result(result, as_json)
     sys.exit(1 if result["leftovers"] else 0)
 
 
@@ -416,11 +421,7 @@ def bench_secagg(
         n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport,
         rate_mbit=rate_mbit,
     )  # fmt: skip
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        for key, value in result.items():
-            click.echo(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    _print_result(result, as_json)
     sys.exit(1 if result["leftovers"] else 0)
 
 
@@ -442,11 +443,7 @@ def bench_dp(
 
     cfg = load_config(config_path, list(overrides))
     result = run_dp_bench(cfg, steps=steps, target_epsilon=target_epsilon, threads=threads)
-    if as_json:
-        click.echo(json.dumps(result))
-    else:
-        for key, value in result.items():
-            click.echo(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    _print_result(result, as_json)
 
 
 @bench.command("hivemind-peer", hidden=True)

@@ -1,4 +1,4 @@
-"""Helpers for tests that start real peer processes on loopback.
+"""Helpers for tests that start real peer processes on loopback, and for tests of the all-reduce on real p2pd daemons.
 
 Every process is started in its own session (its own process group), so teardown can kill the peer together with
 its DHT, averager and p2pd children; tests then assert that nothing of theirs is left running.
@@ -6,16 +6,20 @@ its DHT, averager and p2pd children; tests then assert that nothing of theirs is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hivemind.p2p import P2P
+
+from p2pfed.butterfly import Butterfly
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -61,6 +65,10 @@ def group_members(pgids: set[int]) -> list[int]:
     return found
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class PeerProcess:
     """One `p2pfed ...` process in its own session, stdout/stderr captured to files."""
 
@@ -75,6 +83,9 @@ class PeerProcess:
             stdin=subprocess.DEVNULL,
             cwd=ROOT,
             start_new_session=True,
+            # Ctrl+C must reach the child as in a terminal, even when the suite itself runs as a background job
+            # (a non-interactive shell starts those with SIGINT ignored, and Python keeps an ignored SIGINT)
+            preexec_fn=_default_sigint,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
 
@@ -164,6 +175,14 @@ def launcher(tmp_path: Path) -> Iterator[Launcher]:
     yield launch
     for proc in launch.procs:
         proc.kill()
+    # A failed test must not leave peers behind to slow the rest of the suite: the process groups it tracked (e.g. a
+    # swarm's peers, which live in their own sessions) and anything started from its directory go too.
+    launch.track_groups()
+    for pgid in launch.groups - {os.getpgrp()}:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def wait_no_leftovers(launch: Launcher, timeout: float = 20) -> list[str]:
@@ -174,3 +193,22 @@ def wait_no_leftovers(launch: Launcher, timeout: float = 20) -> list[str]:
             return []
         time.sleep(0.25)
     return launch.leftovers()
+
+
+@contextlib.asynccontextmanager
+async def butterfly_members(n: int, *, chunk_timeout: float) -> AsyncIterator[list[Butterfly]]:
+    """n p2pd daemons on loopback in this process, joined in one swarm, each serving a Butterfly."""
+    listen = ["/ip4/127.0.0.1/tcp/0"]
+    first = await P2P.create(host_maddrs=listen, nat_port_map=False, auto_nat=False)
+    p2ps = [first]
+    try:
+        maddrs = await first.get_visible_maddrs()
+        for _ in range(n - 1):
+            p2ps.append(await P2P.create(initial_peers=maddrs, host_maddrs=listen, nat_port_map=False, auto_nat=False))
+        butterflies = [Butterfly(p2p, name="test.part", chunk_timeout=chunk_timeout) for p2p in p2ps]
+        for b in butterflies:
+            await b.serve()
+        yield butterflies
+    finally:
+        for p2p in p2ps:
+            await p2p.shutdown()

@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
-from hivemind.p2p import P2P
 from torch.testing import assert_close
 
 from p2pfed import pieces as pieces_module
@@ -22,32 +21,14 @@ from p2pfed.butterfly import Butterfly, split_sizes
 from p2pfed.compression import Compressor, Fp16, Fp32, PowerSGD, RandomK, Uint8
 from p2pfed.config import CompressionConfig
 from p2pfed.reductions import Reduction, make_reduction
+from tests.conftest import butterfly_members
 
 LISTEN = ["/ip4/127.0.0.1/tcp/0"]
 TIMEOUT = 30.0
 
 
-async def _swarm(n: int) -> list[P2P]:
-    first = await P2P.create(host_maddrs=LISTEN, nat_port_map=False, auto_nat=False)
-    maddrs = await first.get_visible_maddrs()
-    rest = [
-        await P2P.create(initial_peers=maddrs, host_maddrs=LISTEN, nat_port_map=False, auto_nat=False)
-        for _ in range(n - 1)
-    ]
-    return [first, *rest]
-
-
-@contextlib.asynccontextmanager
-async def _members(n: int) -> AsyncIterator[list[Butterfly]]:
-    p2ps = await _swarm(n)
-    try:
-        butterflies = [Butterfly(p2p, name="test.part", chunk_timeout=5.0) for p2p in p2ps]
-        for b in butterflies:
-            await b.serve()
-        yield butterflies
-    finally:
-        for p2p in p2ps:
-            await p2p.shutdown()
+def _members(n: int) -> contextlib.AbstractAsyncContextManager[list[Butterfly]]:
+    return butterfly_members(n, chunk_timeout=5.0)
 
 
 def _run(coro: object) -> object:

@@ -10,39 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 import torch
-from hivemind.p2p import P2P
 
 from p2pfed import pieces as pieces_module
 from p2pfed.butterfly import Butterfly, split_sizes
 from p2pfed.compression import Compressor, Fp16, Fp32, Uint8
 from p2pfed.compression.ring import Ring, signed
 from p2pfed.secagg import Group, MaskKey, SecureAggregation, ring_bits
+from tests.conftest import butterfly_members
 
 LISTEN = ["/ip4/127.0.0.1/tcp/0"]
 TIMEOUT = 30.0
 RUN = b"p2pfed_test_run"
 
 
-@contextlib.asynccontextmanager
-async def _members(n: int) -> AsyncIterator[list[Butterfly]]:
-    first = await P2P.create(host_maddrs=LISTEN, nat_port_map=False, auto_nat=False)
-    maddrs = await first.get_visible_maddrs()
-    p2ps = [first]
-    try:
-        for _ in range(n - 1):
-            p2ps.append(await P2P.create(initial_peers=maddrs, host_maddrs=LISTEN, nat_port_map=False, auto_nat=False))
-        butterflies = [Butterfly(p2p, name="test.part", chunk_timeout=10.0) for p2p in p2ps]
-        for b in butterflies:
-            await b.serve()
-        yield butterflies
-    finally:
-        for p2p in p2ps:
-            await p2p.shutdown()
+def _members(n: int) -> contextlib.AbstractAsyncContextManager[list[Butterfly]]:
+    return butterfly_members(n, chunk_timeout=10.0)
 
 
 async def _secure_round(
