@@ -51,7 +51,7 @@ def render_status(runs: list[dict[str, Any]]) -> None:
 
     console = Console()
     if not runs:
-        console.print("no live runs found")
+        console.print("no live runs found (a swarm with a key shows only with --swarm-key)")
         return
     for run in runs:
         table = Table(title=f"run {run['run_id']}", title_justify="left")
