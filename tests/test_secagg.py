@@ -182,3 +182,57 @@ def test_a_member_that_drops_out_fails_the_masked_round_for_everyone() -> None:
             assert results == [None, None]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", ["randomk", "powersgd"])
+def test_masking_composes_with_the_linear_reductions(name: str) -> None:
+    # Prepare: each member's own reduction (shared seed, this member's peer seed), no error feedback
+    from p2pfed.config import CompressionConfig
+    from p2pfed.reductions import make_reduction
+
+    n, numel = 3, 40_000
+    vectors, weights = _vectors(n, numel), [1.0, 2.0, 3.0]
+
+    async def main() -> dict[str, list[torch.Tensor | None]]:
+        async with _members(n) as butterflies:
+            peers = [b.p2p.peer_id for b in butterflies]
+            keys = [MaskKey() for _ in range(n)]
+
+            async def member(i: int, how: str) -> torch.Tensor | None:
+                b, tag = butterflies[i], f"{name}-{how}".encode()
+
+                async def inner(
+                    vector: torch.Tensor, codec: Compressor, phase: str, reply: Compressor | None = None
+                ) -> torch.Tensor | None:
+                    mean, _ = await b.allreduce(
+                        tag + phase.encode(), peers, i, vector, weight=weights[i], shares=[1.0] * n, codec=codec,
+                        round=5, timeout=TIMEOUT, reply_codec=reply,
+                    )  # fmt: skip
+                    return mean
+
+                reduction = make_reduction(CompressionConfig(name=name, error_feedback=False), seed=0, peer_seed=i)
+                if how == "plain":
+                    return await reduction.run(vectors[i], inner, round=5)
+                secure = SecureAggregation(keys[i], run=RUN, mask=how == "masked", seed=2000 + i)
+                group = Group(peers=[p.to_bytes() for p in peers], publics=[k.public for k in keys], me=i, tag=tag)
+
+                async def masked(vector: torch.Tensor, codec: Compressor, phase: str) -> torch.Tensor | None:
+                    return await secure.allreduce(vector, codec, phase, inner=inner, group=group)
+
+                return await reduction.run(vectors[i], masked, round=5)
+
+            out = {}
+            for how in ("plain", "masked", "clear"):
+                out[how] = list(await asyncio.gather(*(member(i, how) for i in range(n))))
+            return out
+
+    # Execute
+    results = asyncio.run(main())
+
+    # Assert: masked equals the same fixed-point round without masks bit for bit, and the plain reduction to within
+    # the fixed point's 29 value bits
+    for masked, clear, plain in zip(results["masked"], results["clear"], results["plain"], strict=True):
+        assert masked is not None and clear is not None and plain is not None
+        assert torch.equal(masked, clear)
+        assert torch.equal(masked, results["masked"][0])
+        torch.testing.assert_close(masked, plain, atol=1e-5 * float(plain.abs().max()), rtol=0)
