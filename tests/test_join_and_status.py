@@ -42,14 +42,15 @@ def test_late_joiner_downloads_state_and_status_lists_peers(launcher: Launcher, 
         assert first.proc.poll() is None, first.stderr()[-2000:]
         time.sleep(0.2)
 
-    # Execute: status sees the run while it trains; a third peer joins mid-run.
+    # Execute: status sees the run while it trains; a third peer joins mid-run (started together: a run of STEPS
+    # steps lasts about half a minute here, not much longer than two processes' start-up).
     status = launcher.start("status", "--initial-peers", bootstrap, "--json", name="status")
-    assert status.wait(timeout=60) == 0, status.stderr()
-    runs = json.loads(status.stdout())
     second_maddr = second.bootstrap()  # any live peer can be a bootstrap; give the joiner both
     late = launcher.start(
         *_args(tmp_path, 2, ["--initial-peers", bootstrap, "--initial-peers", second_maddr]), name="peer2"
     )
+    assert status.wait(timeout=60) == 0, status.stderr()
+    runs = json.loads(status.stdout())
     codes = [p.wait(timeout=240) for p in (first, second, late)]
 
     # Assert: status listed the two training peers of run "tiny" with their progress.
