@@ -66,7 +66,14 @@ class DataConfig(_Section):
     text_field: str = Field("text", description="field holding the text in JSON lines records")
     max_chars: int = Field(8_000_000, ge=10_000, description="read at most this many characters of the source")
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5, description="held-out share of sequences used for eval loss")
-    partitioner: Literal["iid"] = Field("iid", description="how training sequences are split across peers")
+    partitioner: Literal["iid", "dirichlet", "by_file"] = Field(
+        "iid",
+        description="how training sequences are dealt to peers: 'iid' (every peer the same mix), 'dirichlet' (of "
+        "each source file a share drawn from Dirichlet(dirichlet_alpha): non-IID), 'by_file' (whole source files)",
+    )
+    dirichlet_alpha: float = Field(
+        0.5, gt=0.0, description="dirichlet: concentration; small (0.1) gives each peer few sources, large (100) ~iid"
+    )
     num_partitions: int | None = Field(None, ge=1, description="default: swarm.min_peers")
     partition_index: int | None = Field(None, ge=0, description="this peer's shard; default: derived from its id")
 

@@ -195,13 +195,16 @@ class Peer:
             index = cfg.data.partition_index
             if index is None:
                 index = int(hashlib.sha256(self.peer_id.encode()).hexdigest(), 16) % count
-            shard = corpus.partition(index=index, count=count)
+            d = cfg.data
+            rows = corpus.partition_rows(index=index, count=count, partitioner=d.partitioner, alpha=d.dirichlet_alpha)
+            shard = corpus.train[rows]
             self.data_info = {
                 "digest": corpus.digest,
+                "partitioner": d.partitioner,
                 "partition_index": index,
                 "num_partitions": count,
-                "train_sequences": len(shard),
                 "val_sequences": len(corpus.val),
+                **corpus.shard_stats(rows),
             }
             self.trainer = Trainer(cfg, self.profile, corpus, shard, shard_index=index)
             await self.sup.start_one(self.trainer)

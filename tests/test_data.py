@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 
 import pytest
 import torch
 
 from p2pfed.config import DataConfig, ModelConfig
-from p2pfed.data import Corpus, load_corpus, read_texts
+from p2pfed.data import Corpus, load_corpus, read_documents, read_texts
 from p2pfed.errors import ConfigError
 
 SMALL = DataConfig(max_chars=200_000)  # a few dozen stdlib modules: ~3k sequences of 64 bytes, loads in about a second
@@ -268,3 +269,108 @@ def test_local_tokenizer_directory(tmp_path):
     rows = torch.cat([corpus.train, corpus.val]).tolist()
     assert corpus.vocab_size == len(reference)
     assert sorted(rows) == sorted(torch.tensor(expected[: n * 16]).reshape(n, 16).tolist())
+
+
+# --- partitioners: iid, dirichlet over sources, by_file --------------------------------------------------------------
+
+PARTITIONERS = [("iid", 0.5), ("dirichlet", 0.1), ("dirichlet", 100.0), ("by_file", 0.5)]
+
+
+def test_each_block_is_labelled_with_the_file_its_first_byte_comes_from(corpus):
+    # Prepare: plain arithmetic over the documents joined as the byte tokenizer joins them
+    docs = read_documents(SMALL)
+    owner = []
+    for source, text in docs:
+        owner += [source] * (len(text.encode("utf-8")) + 2)
+    blocks = _reference_blocks([t for _, t in docs], MODEL.seq_len)
+    expected = Counter((tuple(blocks[b].tolist()), owner[b * MODEL.seq_len]) for b in range(len(blocks)))
+
+    # Execute
+    labelled = Counter(
+        (tuple(row), corpus.source_names[s])
+        for row, s in zip(corpus.train.tolist(), corpus.sources.tolist(), strict=True)
+    )
+
+    # Assert: every training block carries its own file's name (the split's blocks are a sub-multiset of all blocks)
+    assert len(corpus.source_names) == len({s for s, _ in docs}) > 10
+    assert sum(labelled.values()) == len(corpus.train)
+    assert all(expected[key] >= n for key, n in labelled.items())
+
+
+@pytest.mark.parametrize(("name", "alpha"), PARTITIONERS)
+@pytest.mark.parametrize("count", [2, 3, 5])
+def test_partitioners_are_disjoint_covering_and_deterministic(corpus, name, alpha, count):
+    # Execute
+    rows = [corpus.partition_rows(index=i, count=count, partitioner=name, alpha=alpha) for i in range(count)]
+    again = [corpus.partition_rows(index=i, count=count, partitioner=name, alpha=alpha) for i in range(count)]
+
+    # Assert: every training sequence in exactly one partition, and the same partitions on every call
+    everything = torch.cat(rows)
+    assert torch.equal(torch.sort(everything).values, torch.arange(len(corpus.train)))
+    assert all(torch.equal(a, b) for a, b in zip(rows, again, strict=True))
+    assert all(len(r) > 0 for r in rows)
+
+
+def test_by_file_keeps_each_file_whole_and_balances_the_partitions(corpus):
+    # Execute
+    rows = [corpus.partition_rows(index=i, count=3, partitioner="by_file") for i in range(3)]
+
+    # Assert
+    files = [set(corpus.sources[r].tolist()) for r in rows]
+    assert not (files[0] & files[1]) and not (files[0] & files[2]) and not (files[1] & files[2])
+    largest_file = int(torch.bincount(corpus.sources).max())
+    sizes = [len(r) for r in rows]
+    assert max(sizes) - min(sizes) <= largest_file  # greedy largest-first never overshoots by more than one file
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks(corpus):
+    # Execute: the token-frequency divergence of each shard from the whole split, for several concentrations
+    def mean_kl(name: str, alpha: float) -> float:
+        stats = [
+            corpus.shard_stats(corpus.partition_rows(index=i, count=3, partitioner=name, alpha=alpha)) for i in range(3)
+        ]
+        return sum(s["token_kl_bits"] for s in stats) / 3
+
+    iid, wide, narrow = mean_kl("iid", 0.5), mean_kl("dirichlet", 100.0), mean_kl("dirichlet", 0.05)
+
+    # Assert: alpha 100 is near iid; alpha 0.05 is far more skewed than either
+    assert narrow > 3 * max(iid, wide)
+
+
+def test_shard_stats_match_plain_counts(corpus):
+    # Prepare
+    rows = corpus.partition_rows(index=1, count=3, partitioner="dirichlet", alpha=0.3)
+    shard, sources = corpus.train[rows], corpus.sources[rows]
+
+    # Execute
+    stats = corpus.shard_stats(rows)
+
+    # Assert: against plain Python counting
+    mine = Counter(shard.flatten().tolist())
+    every = Counter(corpus.train.flatten().tolist())
+    p = {t: (mine[t] + 1) / (shard.numel() + 256) for t in range(256)}
+    q = {t: (every[t] + 1) / (corpus.train.numel() + 256) for t in range(256)}
+    kl = sum(p[t] * math.log2(p[t] / q[t]) for t in range(256))
+    assert stats["sequences"] == len(shard) and stats["tokens"] == shard.numel()
+    assert stats["sources"] == len(set(sources.tolist()))
+    assert stats["largest_source_share"] == pytest.approx(
+        max(Counter(sources.tolist()).values()) / len(shard), abs=1e-4
+    )
+    assert stats["token_kl_bits"] == pytest.approx(kl, abs=1e-4)
+
+
+def test_a_partition_left_empty_is_a_config_error():
+    # Prepare: two sources, five partitions: by_file cannot give every partition a file
+    corpus = Corpus(
+        train=torch.zeros(10, 4, dtype=torch.int64),
+        val=torch.zeros(1, 4, dtype=torch.int64),
+        vocab_size=4,
+        digest="",
+        seed=0,
+        train_sources=torch.tensor([0] * 5 + [1] * 5),
+        source_names=("a", "b"),
+    )
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="without training sequences"):
+        corpus.partition(index=4, count=5, partitioner="by_file")

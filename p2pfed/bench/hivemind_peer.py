@@ -58,7 +58,7 @@ def run_reference_peer(
     t = cfg.training
     torch.set_num_threads(1)
     corpus = load_corpus(cfg.data, cfg.model, seed=cfg.run.seed)
-    shard = corpus.partition(index=index, count=peers)
+    shard = corpus.partition(index=index, count=peers, partitioner=cfg.data.partitioner, alpha=cfg.data.dirichlet_alpha)
     model = build_model(cfg.model, vocab_size=corpus.vocab_size, seed=cfg.run.seed)
     dht = start_dht(initial_peers=[initial_peers] if initial_peers else [], listen=listen)
     emit(f"bootstrap: {dht.get_visible_maddrs()[0]}")
