@@ -33,11 +33,15 @@ from p2pfed.compression import Compressor, Fp32
 from p2pfed.errors import UserError
 from p2pfed.hierarchy import Member, hierarchical_allreduce
 from p2pfed.reductions import AllReduce, Dense, Reduction, round_seed
+from p2pfed.robust import Guard, Rule
 from p2pfed.secagg import Group, SecureAggregation
 
 __all__ = ["SwarmAverager", "listen_tcp"]
 
 logger = logging.getLogger(__name__)
+
+
+_UPDATE_PHASES = ("dense", "coords", "topk")  # all-reduces whose vector is (part of) the update itself
 
 
 class _ByteCounters:
@@ -68,6 +72,8 @@ class SwarmAverager(DecentralizedAverager):
         secure: SecureAggregation | None = None,
         admission: Admission | None = None,
         peers_key: str | None = None,
+        max_update_norm: float | None = None,
+        rule: Rule | None = None,
         **kwargs: Any,
     ) -> None:
         self._counters = _ByteCounters()
@@ -78,6 +84,8 @@ class SwarmAverager(DecentralizedAverager):
         self._secure = secure  # masks every all-reduce of a round (p2pfed/secagg.py); see step()
         self._admission = admission  # who may join groups and download state (p2pfed/admission.py)
         self._peers_key = peers_key  # the run's sealed peer announcements: who may download state
+        self._max_update_norm = max_update_norm  # members' copies of an update over this are dropped (None: no bound)
+        self._rule = rule  # a robust rule instead of the weighted mean of dense updates (p2pfed/robust.py)
         self._tcp_socket = tcp_socket  # listening; inherited by the averager process, which accepts on it
         self._butterfly: Butterfly | None = None  # made in the averager process, on its event loop
         kwargs.setdefault("state_compression", NoCompression())
@@ -137,6 +145,7 @@ class SwarmAverager(DecentralizedAverager):
             "complete": stats is not None and not stats.reason,
             "reason": stats.reason if stats is not None else "no all-reduce ran",
             "allreduce_s": stats.seconds if stats else 0.0,
+            "dropped": len(stats.dropped) if stats else 0,
             "bytes_sent": stats.bytes_sent if stats else 0,
             "bytes_received": stats.bytes_received if stats else 0,
             "sent_by_peer": dict(stats.sent_by_peer) if stats else {},
@@ -171,6 +180,9 @@ class SwarmAverager(DecentralizedAverager):
             vector: torch.Tensor, codec: Compressor, phase: str, reply: Compressor | None = None
         ) -> torch.Tensor | None:
             tag, timeout = group_id + phase.encode(), self._allreduce_timeout or 60.0
+            # Every copy must be finite; the norm bound holds for the update and any part of it (dense, its shared
+            # coordinates, its top-k), not for PowerSGD's projections.
+            guard = Guard(max_norm=self._max_update_norm if phase in _UPDATE_PHASES else None)
             if members is not None:
                 mean, phase_stats = await hierarchical_allreduce(
                     butterfly,
@@ -182,6 +194,7 @@ class SwarmAverager(DecentralizedAverager):
                     round=seed,
                     timeout=timeout,
                     routes=routes,
+                    guard=guard,
                 )
             else:
                 mean, phase_stats = await butterfly.allreduce(
@@ -196,8 +209,12 @@ class SwarmAverager(DecentralizedAverager):
                     timeout=timeout,
                     routes=routes,
                     reply_codec=reply,
+                    guard=guard,
+                    rule=self._rule if phase == "dense" else None,
                 )
             stats.merge(phase_stats)
+            for drop in phase_stats.dropped:
+                logger.warning("dropped a contribution: %s", drop)
             return mean
 
         allreduce: AllReduce = plain_allreduce

@@ -40,6 +40,7 @@ from hivemind.p2p import P2P, PeerID
 from p2pfed.channel import Channel, SocketChannel, StreamChannel
 from p2pfed.compression import Compressor, Payload
 from p2pfed.pieces import ButterflyStats, PartFailed, Slice, piece_round, piece_sizes
+from p2pfed.robust import Guard, Rule
 
 __all__ = ["Butterfly", "ButterflyStats", "Routes", "split_sizes"]
 
@@ -100,13 +101,17 @@ class Butterfly:
         timeout: float,
         routes: Routes | None = None,
         reply_codec: Compressor | None = None,
+        guard: Guard | None = None,
+        rule: Rule | None = None,
     ) -> tuple[torch.Tensor | None, ButterflyStats]:
         """The group's weighted mean of `vector` (flat fp32), or None with the reason in stats when any part failed.
 
         `tag` names this all-reduce on every member (group id plus a phase), `round` seeds the codec's randomness.
         `routes` maps members to direct TCP endpoints; members without one are reached over libp2p. `reply_codec`
         (default: `codec`) carries the reduced slices back, when they take another form than the parts (secure
-        aggregation: masked ring elements go out, the decoded mean comes back).
+        aggregation: masked ring elements go out, the decoded mean comes back). `guard` drops members' copies that
+        are not finite or break its norm bound before this peer's slice sums them, and every averaged part that
+        comes back must be finite; `rule` replaces the weighted mean of each piece (p2pfed/robust.py).
         """
         replies = reply_codec or codec
         stats = ButterflyStats()
@@ -117,7 +122,7 @@ class Butterfly:
         piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
         mine = Slice(
             peers=peers, senders=len(peers), size=sizes[me], codec=codec, round=round, stats=stats,
-            reply_codec=replies,
+            reply_codec=replies, guard=guard, rule=rule,
         )  # fmt: skip
         if sizes[me] > 0:
             if not piece.done():
@@ -139,6 +144,7 @@ class Butterfly:
                     stats=stats,
                     routes=routes,
                     reply_codec=replies,
+                    check_replies=guard is not None,
                 )  # fmt: skip
                 if j != me and sizes[j] > 0
                 else self._own(mine, outs[j])
@@ -237,9 +243,11 @@ class Butterfly:
         wait: float = 0.0,
         routes: Routes | None = None,
         reply_codec: Compressor | None = None,
+        check_replies: bool = False,
     ) -> None:
         """Send `part` to the member that reduces it and read the averaged part back into `out`; with part None, read
-        the vector that member broadcasts into `out`."""
+        the vector that member broadcasts into `out`. `check_replies`: an averaged piece that is not finite fails
+        the exchange (a reducer that sends one must not reach the model)."""
         remote = peer.to_base58()
         try:
             channel = await asyncio.wait_for(self._open(peer, routes), self.chunk_timeout)
@@ -273,6 +281,8 @@ class Butterfly:
                 except ValueError as e:
                     raise PartFailed(f"bad reply from {remote[-6:]}: {e}") from None
                 stats.bytes_received += n
+                if check_replies and dest.is_floating_point() and not bool(torch.isfinite(dest).all()):
+                    raise PartFailed(f"reducer {remote[-6:]} sent back a mean that is not finite")
 
         sending = asyncio.ensure_future(send())  # replies to early pieces arrive while later ones still go out
         sending.add_done_callback(_retrieve)

@@ -116,6 +116,8 @@ def _jsonl_sink(kind: str, data: dict[str, Any]) -> None:
 @click.option("--events", type=click.Choice(["human", "jsonl"]), default="human", help="progress format on stdout")
 @click.option("--dump-grads", type=click.Path(file_okay=False), hidden=True, help="test aid: save round gradients")
 @click.option("--perturb-at", type=int, hidden=True, help="test aid: corrupt parameters after this step")
+@click.option("--fault-update", type=click.Choice(["nan", "inf", "huge", "mixed"]), hidden=True,
+              help="test aid: send NaN, inf or 1e30 values in this peer's updates (mixed: each in turn)")  # fmt: skip
 @click.option("-v", "--verbose", is_flag=True, help="debug logs, hivemind's included")
 @user_errors
 def peer(
@@ -131,6 +133,7 @@ def peer(
     events: str,
     dump_grads: str | None,
     perturb_at: int | None,
+    fault_update: str | None,
     verbose: bool,
 ) -> None:
     """Start one peer: join (or start) a swarm and train until --max-steps or Ctrl+C."""
@@ -156,6 +159,7 @@ def peer(
         save_params=save_params,
         dump_grads=dump_grads,
         perturb_at=perturb_at,
+        fault_update=fault_update,
         sink=_jsonl_sink if events == "jsonl" else _human_sink(),
         context=ctx,
     )

@@ -157,6 +157,20 @@ class AveragingConfig(_Section):
         "a private network or VPN); peers without a TCP endpoint are still reached over libp2p",
     )
     tcp_port: int = Field(0, ge=0, le=65535, description="transport tcp: port the averager listens on (0: any)")
+    max_update_norm: float | None = Field(
+        1e4,
+        gt=0.0,
+        description="a member's update (gradient or pseudo-gradient) with a larger L2 norm is dropped by the reducers "
+        "before it reaches a sum, as is any update that is not finite (null: finiteness only); gossip, which "
+        "averages parameters, checks finiteness only",
+    )
+    aggregation: Literal["mean", "trimmed_mean", "centered_clip"] = Field(
+        "mean",
+        description="sync mode, dense compression: how reducers combine members' updates: 'mean' (weighted by "
+        "samples), 'trimmed_mean' (coordinate-wise, trim_ratio cut from each end), 'centered_clip' (clip_radius)",
+    )
+    trim_ratio: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed_mean: share of members cut from each end")
+    clip_radius: float = Field(1.0, gt=0.0, description="centered_clip: L2 radius of a member's pull per piece")
 
     @model_validator(mode="after")
     def _check(self) -> AveragingConfig:
@@ -245,6 +259,15 @@ class Config(_Section):
             raise ValueError(
                 "privacy.secure_aggregation does not work with averaging.mode 'hierarchical' yet: use sync, diloco "
                 "or gossip"
+            )
+        if self.averaging.aggregation != "mean" and not (
+            self.averaging.mode == "sync"
+            and self.compression.name in ("none", "fp16", "uint8")
+            and not self.privacy.secure_aggregation
+        ):
+            raise ValueError(
+                f"averaging.aggregation {self.averaging.aggregation!r} needs averaging.mode sync, compression none, "
+                "fp16 or uint8, and privacy.secure_aggregation off (a reducer must see each member's update)"
             )
         if self.averaging.mode == "gossip" and self.compression.sparse:
             raise ValueError(

@@ -26,6 +26,7 @@ from hivemind.p2p import PeerID
 
 from p2pfed.butterfly import Butterfly, ButterflyStats, Routes
 from p2pfed.compression import Compressor, Fp32
+from p2pfed.robust import Guard
 
 __all__ = ["Member", "delegates", "hierarchical_allreduce"]
 
@@ -58,8 +59,11 @@ async def hierarchical_allreduce(
     round: int,
     timeout: float,
     routes: Routes | None = None,
+    guard: Guard | None = None,
 ) -> tuple[torch.Tensor | None, ButterflyStats]:
-    """The group's weighted mean of `vector`, reduced cloud by cloud; None (reason in stats) when a phase failed."""
+    """The group's weighted mean of `vector`, reduced cloud by cloud; None (reason in stats) when a phase failed.
+    `guard` screens the members' copies in both all-reduces (a cloud's mean of updates within a norm bound is
+    within it too)."""
     stats = ButterflyStats()
     cloud = members[me].cloud
     local = [i for i, m in enumerate(members) if m.cloud == cloud]
@@ -81,6 +85,7 @@ async def hierarchical_allreduce(
             round=round,
             timeout=timeout,
             routes=routes,
+            guard=guard,
         )
         stats.merge(part)
 
@@ -99,6 +104,7 @@ async def hierarchical_allreduce(
             round=round,
             timeout=timeout,
             routes=routes,
+            guard=guard,
         )
         stats.merge(part)
 

@@ -14,12 +14,14 @@ import collections
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from safetensors.torch import save_file
 
 from p2pfed.actors.averager import Averager
@@ -74,6 +76,7 @@ class PeerOptions:
     save_params: str | None = None
     dump_grads: str | None = None
     perturb_at: int | None = None  # test aid: corrupt this peer's parameters after it commits this step
+    fault_update: str | None = None  # test aid: send NaN / inf / 1e30 updates ("mixed": each in turn)
     sink: Sink | None = None
     context: PeerContext = field(default_factory=PeerContext)
 
@@ -98,6 +101,7 @@ class Peer:
             "failures": collections.Counter(),
             "bytes_by_cloud": collections.Counter(),
             "gossip_missed": 0,
+            "dropped": 0,
         }
 
     # --- helpers -------------------------------------------------------------------------------------------------
@@ -319,6 +323,8 @@ class Peer:
             rate = grads.samples / max(grads.compute_s, 1e-9)
             self.samples_per_s = rate if self.samples_per_s == 0 else 0.8 * self.samples_per_s + 0.2 * rate
             local = grads.flat_grad.clone() if self.opt.dump_grads and dumped < _DUMP_ROUNDS else None
+            if self.opt.fault_update is not None:
+                _corrupt(grads.flat_grad, self.opt.fault_update, self.stats["rounds_ok"] + self.stats["rounds_failed"])
             unfinished, _ = await self._swarm_size()
             rnd: RoundResult | None
             if overlap:
@@ -344,6 +350,7 @@ class Peer:
             if rnd is None:
                 break
             self.stats["bytes_by_cloud"].update(rnd.bytes_by_cloud)
+            self.stats["dropped"] += rnd.dropped
             if gossip and not rnd.committed:  # no partner this time, or a group that fell apart: train on
                 self.stats["gossip_missed"] += 1
             elif rnd.committed and (overlap or gossip):  # already applied (overlap: rnd is the previous round)
@@ -462,6 +469,7 @@ class Peer:
             "bytes_received": self.averager.bytes_received,
             "bytes_by_cloud": dict(self.stats["bytes_by_cloud"]),
             "gossip_missed": self.stats["gossip_missed"],
+            "contributions_dropped": self.stats["dropped"],
             "gossip_disagreement": [round(d, 6) for d in self.gossip.disagreement],
             "param_l2": self.trainer.param_l2(),
             "initial_eval_loss": initial_eval,
@@ -486,3 +494,15 @@ class Peer:
             Path(self.opt.report_path).write_text(json.dumps(report, indent=2))
         self.monitor.tell(Event("done", f"finished at step {self.trainer.step}: eval loss {eval_loss:.4f}", report))
         return report
+
+
+_FAULTS = {"nan": math.nan, "inf": math.inf, "huge": 1e30}
+
+
+def _corrupt(update: torch.Tensor, kind: str, round_index: int) -> None:
+    """Fault injection (--fault-update): overwrite this peer's outgoing update with NaN, inf or 1e30 values (in a
+    few places, as an overflow would), or with each of those in turn."""
+    if kind == "mixed":
+        kind = list(_FAULTS)[round_index % len(_FAULTS)]
+    update[:: max(1, update.numel() // 7)] = _FAULTS[kind]
+    logger.warning("fault injection: this round's update carries %s values", kind)

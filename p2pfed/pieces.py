@@ -6,7 +6,9 @@
     payload = await mine.piece(index)              # that piece's mean, compressed once, for every sender
 
 A part is cut into pieces of at most PIECE elements; a piece's mean is ready the moment every member's copy of it
-has arrived, so a reducer starts replying before the whole part is in. Used by p2pfed/butterfly.py.
+has arrived, so a reducer starts replying before the whole part is in. With a `guard` (p2pfed/robust.py), a copy that
+is not finite or breaks the norm bound is dropped as it arrives; with a robust `rule`, a piece's copies are kept
+and combined by it (trimmed mean, centered clip) instead of summed. Used by p2pfed/butterfly.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from hivemind.p2p import PeerID
 
 from p2pfed.compression import Compressor, Payload
+from p2pfed.robust import Guard, Rule
 
 __all__ = ["PIECE", "ButterflyStats", "PartFailed", "Slice", "piece_round", "piece_sizes"]
 
@@ -38,6 +41,7 @@ class ButterflyStats:
     sent_by_peer: dict[str, int] = field(default_factory=dict)
     reason: str = ""
     seconds: float = 0.0  # wall time of the round's all-reduces (set by the averager)
+    dropped: list[str] = field(default_factory=list)  # members' copies this peer's slices dropped, and why
 
     def add_sent(self, peer: str, n: int) -> None:
         self.bytes_sent += n
@@ -50,6 +54,7 @@ class ButterflyStats:
         for peer, n in other.sent_by_peer.items():
             self.sent_by_peer[peer] = self.sent_by_peer.get(peer, 0) + n
         self.reason = self.reason or other.reason
+        self.dropped += other.dropped
 
 
 def piece_sizes(size: int) -> list[int]:
@@ -77,13 +82,17 @@ class Slice:
         stats: ButterflyStats,
         replies: int | None = None,
         reply_codec: Compressor | None = None,
+        guard: Guard | None = None,
+        rule: Rule | None = None,
     ) -> None:
         self.peers, self.senders, self.codec, self.round, self.stats = peers, senders, codec, round, stats
+        self.guard, self.rule = guard, rule
         self.reply_codec = reply_codec or codec  # the form the reduced pieces go back in
         self.replies = senders - 1 if replies is None else replies  # streams that wait for this slice's mean
         self.sizes = piece_sizes(size)
         self.totals: list[torch.Tensor | None] = [None] * len(self.sizes)  # (piece,) fp32, sums of weight * piece
         self.weights = [0.0] * len(self.sizes)
+        self.kept: list[list[torch.Tensor]] = [[] for _ in self.sizes]  # with a rule: the copies that passed
         self.seen: list[set[int]] = [set() for _ in self.sizes]
         self.ready = [asyncio.Event() for _ in self.sizes]
         self.reply: list[Payload | None] = [None] * len(self.sizes)
@@ -98,8 +107,16 @@ class Slice:
         if sender in self.seen[index]:
             raise PartFailed(f"member {sender} sent piece {index} twice")
         self.seen[index].add(sender)
-        self.totals[index] = self.codec.reduce(self.totals[index], piece, weight, owned=owned)
-        self.weights[index] += weight
+        # ring elements of secure aggregation are noise by design: only plain values can be screened
+        reason = self.guard.check(piece) if self.guard is not None and piece.is_floating_point() else ""
+        if reason:  # this copy never reaches a sum: the piece's mean is over the other members
+            self.stats.dropped.append(f"member {sender}'s piece {index}: {reason}")
+        elif self.rule is not None:
+            self.kept[index].append(piece if owned else piece.clone())
+            self.weights[index] += weight
+        else:
+            self.totals[index] = self.codec.reduce(self.totals[index], piece, weight, owned=owned)
+            self.weights[index] += weight
         if len(self.seen[index]) == self.senders:
             self._finish(index)
 
@@ -123,8 +140,14 @@ class Slice:
 
     def _finish(self, index: int) -> None:
         total = self.totals[index]
-        assert total is not None
-        mean = self.codec.reduced(total, self.weights[index])  # total is this slice's own buffer
+        if self.rule is not None and self.kept[index]:
+            mean = self.rule.combine(self.kept[index])
+            self.kept[index] = []
+        elif total is not None:
+            mean = self.codec.reduced(total, self.weights[index])  # total is this slice's own buffer
+        else:
+            self.fail(f"every member's copy of piece {index} was dropped")
+            return
         self.reply[index] = self.reply_codec.compress(mean, round=piece_round(self.round, index))
         self.totals[index] = None  # the reply is all that is needed from here on
         self.ready[index].set()

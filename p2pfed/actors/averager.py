@@ -28,6 +28,7 @@ from p2pfed.admission import Admission
 from p2pfed.allreduce import SwarmAverager, listen_tcp
 from p2pfed.config import Config
 from p2pfed.reductions import make_reduction
+from p2pfed.robust import make_rule
 from p2pfed.secagg import MaskKey, SecureAggregation
 
 __all__ = ["Averager"]
@@ -79,6 +80,8 @@ class Averager(Actor):
             secure=SecureAggregation(self.mask_key, run=self.cfg.run.id.encode()) if self.mask_key else None,
             admission=self.admission,
             peers_key=peers_key(self.cfg.run.id),
+            max_update_norm=None if a.mode == "gossip" else a.max_update_norm,  # gossip averages parameters
+            rule=make_rule(a.aggregation, trim_ratio=a.trim_ratio, clip_radius=a.clip_radius),
             chunk_timeout=a.timeout / 3,
             client_mode=self.client_mode,
             declare_state_period=self.cfg.swarm.record_ttl,
@@ -167,6 +170,7 @@ class Averager(Actor):
             bytes_sent=outcome["bytes_sent"],
             bytes_received=outcome["bytes_received"],
             bytes_by_cloud=_by_cloud(outcome["sent_by_peer"], outcome["gathered"]),
+            dropped=outcome["dropped"],
         )
         if not outcome["complete"]:
             return replace(result, reason=f"incomplete all-reduce: {outcome['reason']}")

@@ -170,6 +170,7 @@ class RoundResult:
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_by_cloud: dict[str, int] = field(default_factory=dict)  # remote cloud label -> bytes this peer sent there
+    dropped: int = 0  # members' copies this peer's slices dropped (not finite, over the norm bound)
 
 
 @dataclass(frozen=True)
