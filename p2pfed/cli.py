@@ -114,6 +114,7 @@ def _jsonl_sink(kind: str, data: dict[str, Any]) -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="write the peer report (JSON) here")
 @click.option("--save-params", type=click.Path(dir_okay=False), help="write final parameters (safetensors) here")
 @click.option("--events", type=click.Choice(["human", "jsonl"]), default="human", help="progress format on stdout")
+@click.option("--resume", type=click.Path(file_okay=False), help="continue from the newest checkpoint in DIR")
 @click.option("--dump-grads", type=click.Path(file_okay=False), hidden=True, help="test aid: save round gradients")
 @click.option("--perturb-at", type=int, hidden=True, help="test aid: corrupt parameters after this step")
 @click.option("--fault-update", type=click.Choice(["nan", "inf", "huge", "mixed"]), hidden=True,
@@ -131,6 +132,7 @@ def peer(
     report_path: str | None,
     save_params: str | None,
     events: str,
+    resume: str | None,
     dump_grads: str | None,
     perturb_at: int | None,
     fault_update: str | None,
@@ -160,6 +162,7 @@ def peer(
         dump_grads=dump_grads,
         perturb_at=perturb_at,
         fault_update=fault_update,
+        resume=resume,
         sink=_jsonl_sink if events == "jsonl" else _human_sink(),
         context=ctx,
     )

@@ -18,6 +18,7 @@ from p2pfed.errors import ConfigError
 
 __all__ = [
     "AveragingConfig",
+    "CheckpointConfig",
     "CompressionConfig",
     "Config",
     "DataConfig",
@@ -231,6 +232,14 @@ class SwarmConfig(_Section):
     listen: str = Field("/ip4/127.0.0.1/tcp/0", description="multiaddr the DHT and averager listen on")
 
 
+class CheckpointConfig(_Section):
+    dir: str | None = Field(
+        None, description="directory for this peer's checkpoints (safetensors, written atomically); null: none"
+    )
+    every_s: float = Field(600.0, gt=0.0, description="seconds between checkpoints; one more is written on shutdown")
+    keep: int = Field(2, ge=1, description="newest checkpoints kept; older ones are deleted after each save")
+
+
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -240,6 +249,7 @@ class Config(_Section):
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @model_validator(mode="after")
     def _check_modes(self) -> Config:

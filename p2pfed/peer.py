@@ -41,15 +41,18 @@ from p2pfed.actors.messages import (
     PeerRecord,
     Perturb,
     Progress,
+    RestoreCheckpoint,
     RoundResult,
     RunInnerSteps,
     RunRound,
     SetGroupSize,
     Snapshot,
+    TakeCheckpoint,
 )
 from p2pfed.actors.monitor import Monitor, Sink
 from p2pfed.actors.trainer import Trainer
 from p2pfed.admission import Admission
+from p2pfed.checkpoint import load_latest, save_checkpoint
 from p2pfed.config import Config, Profile
 from p2pfed.data import load_corpus
 from p2pfed.errors import ActorDeadError, UserError
@@ -77,6 +80,7 @@ class PeerOptions:
     dump_grads: str | None = None
     perturb_at: int | None = None  # test aid: corrupt this peer's parameters after it commits this step
     fault_update: str | None = None  # test aid: send NaN / inf / 1e30 updates ("mixed": each in turn)
+    resume: str | None = None  # a checkpoint directory to continue from
     sink: Sink | None = None
     context: PeerContext = field(default_factory=PeerContext)
 
@@ -102,7 +106,10 @@ class Peer:
             "bytes_by_cloud": collections.Counter(),
             "gossip_missed": 0,
             "dropped": 0,
+            "checkpoints": 0,
         }
+        self._last_save = time.monotonic()
+        self._saving: asyncio.Future[None] | None = None
 
     # --- helpers -------------------------------------------------------------------------------------------------
 
@@ -212,6 +219,8 @@ class Peer:
             }
             self.trainer = Trainer(cfg, self.profile, corpus, shard, shard_index=index)
             await self.sup.start_one(self.trainer)
+            if self.opt.resume is not None:
+                await self._resume(Path(self.opt.resume))
             self.averager = Averager(
                 cfg,
                 dht=self.discovery.dht,
@@ -404,6 +413,7 @@ class Peer:
             if self.trainer.step // t.eval_every != step // t.eval_every:
                 eval_loss = await self.trainer.ask(Evaluate(), timeout=eval_timeout)
             self._last_loss = final_loss
+            self._maybe_checkpoint()
             self.discovery.tell(Announce(self._record(loss=final_loss)))
             self.monitor.tell(
                 Progress(
@@ -440,6 +450,53 @@ class Peer:
             if await self._until_stop(asyncio.sleep(0.5, result=True)) is None:
                 return
 
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+
+    @property
+    def _checkpoint_dir(self) -> Path | None:
+        directory = self.cfg.checkpoint.dir or self.opt.resume  # a resumed peer goes on saving where it resumed from
+        return Path(directory) if directory else None
+
+    async def _resume(self, directory: Path) -> None:
+        found = await asyncio.to_thread(load_latest, directory)
+        if found is None:
+            raise UserError(f"--resume {str(directory)!r} holds no checkpoint (ckpt-*.safetensors)")
+        tensors, meta, path = found
+        if meta.get("run_id") != self.cfg.run.id:
+            raise UserError(f"{path} belongs to run {meta.get('run_id')!r}, not {self.cfg.run.id!r}")
+        await self.trainer.ask(RestoreCheckpoint(tensors, meta), timeout=600.0)
+        self._last_save = time.monotonic()
+        self.monitor.tell(Event("resumed", f"resumed from {path} at step {self.trainer.step}", {"path": str(path)}))
+
+    def _maybe_checkpoint(self) -> None:
+        """Start a checkpoint when checkpoint.every_s has passed since the last one and none is being written: the
+        trainer copies its state (a short pause), the file is written in a thread while training goes on."""
+        if self._checkpoint_dir is None or (self._saving is not None and not self._saving.done()):
+            return
+        if time.monotonic() - self._last_save < self.cfg.checkpoint.every_s:
+            return
+        self._last_save = time.monotonic()
+        self._saving = asyncio.ensure_future(self._save_checkpoint())
+
+    async def _save_checkpoint(self) -> None:
+        directory = self._checkpoint_dir
+        assert directory is not None
+        try:
+            tensors, meta = await self.trainer.ask(TakeCheckpoint(), timeout=600.0)
+            path = await asyncio.to_thread(save_checkpoint, directory, tensors, meta, keep=self.cfg.checkpoint.keep)
+        except (OSError, TimeoutError, ActorDeadError) as e:
+            logger.warning("checkpoint not written: %s", e)
+            return
+        self.stats["checkpoints"] += 1
+        logger.info("checkpoint at step %d: %s", meta["step"], path)
+
+    async def _final_checkpoint(self) -> None:
+        if self._checkpoint_dir is None:
+            return
+        if self._saving is not None:
+            await self._saving
+        await self._save_checkpoint()
+
     async def _finish(
         self,
         t_start: float,
@@ -450,6 +507,7 @@ class Peer:
     ) -> dict[str, Any]:
         eval_loss = await self.trainer.ask(Evaluate(), timeout=eval_timeout or 600.0)
         self.discovery.tell(Announce(self._record(loss=final_loss, finished=True)))
+        await self._final_checkpoint()
         params = await self.trainer.ask(Snapshot(), timeout=600.0)
         if self.opt.save_params:
             Path(self.opt.save_params).parent.mkdir(parents=True, exist_ok=True)
@@ -470,6 +528,7 @@ class Peer:
             "bytes_by_cloud": dict(self.stats["bytes_by_cloud"]),
             "gossip_missed": self.stats["gossip_missed"],
             "contributions_dropped": self.stats["dropped"],
+            "checkpoints": self.stats["checkpoints"],
             "gossip_disagreement": [round(d, 6) for d in self.gossip.disagreement],
             "param_l2": self.trainer.param_l2(),
             "initial_eval_loss": initial_eval,

@@ -163,6 +163,11 @@ class PeerPrivacy:
     def epsilon(self) -> float:
         return float(self.accountant.get_epsilon(delta=self.cfg.delta)) if self.steps else 0.0
 
+    def restore(self, steps: int) -> None:
+        """Resume the accounting after `steps` private steps at this peer's noise and sample rate (a checkpoint)."""
+        self.steps = steps
+        self.accountant.history = [(self.noise_multiplier, self.sample_rate, steps)] if steps else []
+
     def steps_left(self) -> int | None:
         return None if self.max_steps is None else max(0, self.max_steps - self.steps)
 

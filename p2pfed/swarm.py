@@ -97,6 +97,8 @@ class LocalSwarm:
             "--set",
             f"data.partition_index={i}",
         ]
+        if self.cfg.checkpoint.dir:  # one directory per peer: peers never share checkpoint files
+            cmd += ["--set", f"checkpoint.dir={Path(self.cfg.checkpoint.dir) / f'peer-{i}'}"]
         if self.profiles:
             cmd += ["--profile", self.profiles[i % len(self.profiles)]]
         if self.max_steps:

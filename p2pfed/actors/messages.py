@@ -23,12 +23,14 @@ __all__ = [
     "PeerRecord",
     "Perturb",
     "Progress",
+    "RestoreCheckpoint",
     "RoundResult",
     "RunInnerSteps",
     "RunRound",
     "SetGroupSize",
     "SetParams",
     "Snapshot",
+    "TakeCheckpoint",
 ]
 
 
@@ -143,6 +145,19 @@ class Perturb:
 class LoadState:
     metadata: dict[str, Any]
     tensors: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TakeCheckpoint:
+    """Reply: (tensors by name, metadata): a copy of everything needed to resume this peer (p2pfed/checkpoint.py)."""
+
+
+@dataclass(frozen=True)
+class RestoreCheckpoint:
+    """Resume from a checkpoint's tensors and metadata (as TakeCheckpoint made them)."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
 
 
 # --- Averager --------------------------------------------------------------------------------------------------------

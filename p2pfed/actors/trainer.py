@@ -27,12 +27,15 @@ from p2pfed.actors.messages import (
     GradientsReady,
     LoadState,
     Perturb,
+    RestoreCheckpoint,
     RunInnerSteps,
     SetParams,
     Snapshot,
+    TakeCheckpoint,
 )
 from p2pfed.config import Config, Profile
 from p2pfed.data import Corpus
+from p2pfed.errors import UserError
 from p2pfed.model import build_model
 from p2pfed.privacy import PeerPrivacy
 
@@ -372,6 +375,77 @@ class Trainer(Actor):
                     p.copy_(start)
             self.step = int(metadata["step"])
             self.fingerprint = self._fingerprint()
+
+    # --- checkpoints (p2pfed/checkpoint.py writes and reads the files) ---------------------------------------------
+
+    async def on_TakeCheckpoint(self, msg: TakeCheckpoint) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return await self._run(self._checkpoint)
+
+    def _checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """CPU copies of the model, AdamW's moments and (DiLoCo) the shared point and outer momentum, by name, and
+        the step, data position and privacy accounting that go with them."""
+        with self._lock, torch.no_grad():
+            tensors: dict[str, torch.Tensor] = {}
+            for (name, p), start in zip(self._named(), self._shared_params(), strict=True):
+                tensors[f"model/{name}"] = p.detach().to("cpu", copy=True)
+                state = self.optimizer.state[p]
+                tensors[f"adam.exp_avg/{name}"] = state["exp_avg"].to("cpu", copy=True)
+                tensors[f"adam.exp_avg_sq/{name}"] = state["exp_avg_sq"].to("cpu", copy=True)
+                if self.diloco:
+                    tensors[f"diloco.start/{name}"] = start.to("cpu", copy=True)
+                    tensors[f"diloco.momentum/{name}"] = self.outer_optimizer.state[p]["momentum_buffer"].to(
+                        "cpu", copy=True
+                    )
+            meta = {
+                "step": self.step,
+                "samples_seen": self.samples_seen,
+                "cursor": self._cursor,
+                "epoch": self._epoch,
+                "adam_step": float(self.optimizer.state[self.params[0]]["step"]),
+                "numel": self.numel,
+                "run_id": self.cfg.run.id,
+                "mode": self.cfg.averaging.mode,
+                "shard_index": self.shard_index,
+                "dp_steps": self.privacy.steps if self.privacy is not None else 0,
+            }
+        return tensors, meta
+
+    async def on_RestoreCheckpoint(self, msg: RestoreCheckpoint) -> None:
+        await self._run(self._restore, msg.tensors, msg.meta)
+
+    def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        expected = {f"model/{name}" for name, _ in self._named()}
+        missing = sorted(expected - set(tensors))
+        if meta.get("numel") != self.numel or missing:
+            raise UserError(
+                f"the checkpoint holds a model of {meta.get('numel')} parameters, this config builds {self.numel}"
+                + (f" (no {missing[0]!r} in it)" if missing else "")
+                + ": resume with the config it was made with"
+            )
+        with self._lock, torch.no_grad():
+            for (name, p), start in zip(self._named(), self._shared_params(), strict=True):
+                p.copy_(tensors[f"model/{name}"])
+                state = self.optimizer.state[p]
+                state["exp_avg"].copy_(tensors[f"adam.exp_avg/{name}"])
+                state["exp_avg_sq"].copy_(tensors[f"adam.exp_avg_sq/{name}"])
+                state["step"] = torch.tensor(float(meta["adam_step"]))
+                if self.diloco and f"diloco.start/{name}" in tensors:
+                    start.copy_(tensors[f"diloco.start/{name}"])
+                    self.outer_optimizer.state[p]["momentum_buffer"].copy_(tensors[f"diloco.momentum/{name}"])
+            if self.diloco:  # inner steps restart from the shared point
+                for p, start in zip(self.params, self.theta_start, strict=True):
+                    p.copy_(start)
+            self.step = int(meta["step"])
+            self.samples_seen = int(meta["samples_seen"])
+            if int(meta.get("shard_index", self.shard_index)) == self.shard_index:  # same shard: same place in it
+                self._epoch, self._cursor = int(meta["epoch"]), int(meta["cursor"])
+                self._order = self._shuffle(self._epoch)
+            if self.privacy is not None:
+                self.privacy.restore(int(meta.get("dp_steps", 0)))
+            self.fingerprint = self._fingerprint()
+
+    def _named(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
 
     def param_l2(self) -> float:
         with self._lock, torch.no_grad():
