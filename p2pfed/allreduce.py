@@ -32,6 +32,7 @@ from p2pfed.butterfly import Butterfly, ButterflyStats
 from p2pfed.compression import Compressor, Fp32
 from p2pfed.errors import UserError
 from p2pfed.hierarchy import Member, hierarchical_allreduce
+from p2pfed.lifeline import start_lifeline
 from p2pfed.reductions import AllReduce, Dense, Reduction, round_seed
 from p2pfed.robust import Guard, Rule
 from p2pfed.secagg import Group, SecureAggregation
@@ -90,6 +91,10 @@ class SwarmAverager(DecentralizedAverager):
         self._butterfly: Butterfly | None = None  # made in the averager process, on its event loop
         kwargs.setdefault("state_compression", NoCompression())
         super().__init__(averaged_tensors, dht, **kwargs)
+
+    def run(self) -> None:
+        start_lifeline()  # this process exits when the peer's main process dies
+        super().run()
 
     def step(self, gather: Any = None, weight: float | None = None, **kwargs: Any) -> Any:
         """hivemind's step; with secure aggregation, `gather` (a dict) also carries this member's mask key and, so

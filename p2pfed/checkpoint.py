@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from p2pfed.errors import UserError
 
-__all__ = ["PARTIAL", "list_checkpoints", "load_latest", "save_checkpoint"]
+__all__ = ["PARTIAL", "check_resume_dir", "list_checkpoints", "load_latest", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,7 @@ def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], meta: dic
 def load_latest(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path] | None:
     """The newest checkpoint in `directory` that reads back whole, or None when there is none. One that does not
     (a disk that lost it) is skipped with a warning and the one before it is used."""
-    if not directory.exists():
-        raise UserError(f"--resume {str(directory)!r} does not exist")
-    if not directory.is_dir():
-        raise UserError(f"--resume {str(directory)!r} is not a directory of checkpoints")
+    check_resume_dir(directory)
     for _, path in list_checkpoints(directory):
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -90,6 +87,16 @@ def load_latest(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             continue
         return tensors, meta, path
     return None
+
+
+def check_resume_dir(directory: Path) -> None:
+    """UserError unless `directory` holds at least one checkpoint file (checked before a peer starts anything)."""
+    if not directory.exists():
+        raise UserError(f"--resume {str(directory)!r} does not exist")
+    if not directory.is_dir():
+        raise UserError(f"--resume {str(directory)!r} is not a directory of checkpoints")
+    if not list_checkpoints(directory):
+        raise UserError(f"--resume {str(directory)!r} holds no checkpoint (ckpt-*.safetensors)")
 
 
 def _fsync_dir(directory: Path) -> None:

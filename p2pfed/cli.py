@@ -145,6 +145,12 @@ def peer(
         overrides = (*overrides, f"swarm.listen={listen}")
     cfg = load_config(config_path, overrides)
     profile = load_profile(profile_path)
+    if resume is not None:
+        from pathlib import Path
+
+        from p2pfed.checkpoint import check_resume_dir
+
+        check_resume_dir(Path(resume))
 
     import asyncio
 

@@ -17,6 +17,7 @@ from hivemind.utils import get_dht_time
 from p2pfed.actors.base import Actor
 from p2pfed.actors.messages import Announce, GetPeers, PeerRecord
 from p2pfed.errors import UserError
+from p2pfed.lifeline import start_lifeline
 
 __all__ = ["Discovery", "peers_key", "runs_key", "start_dht", "read_peers"]
 
@@ -63,7 +64,7 @@ def start_dht(
     give_up = time.monotonic() + _BOOTSTRAP_RETRY_S
     for attempt in itertools.count():
         try:
-            return hivemind.DHT(
+            return _LifelineDHT(
                 initial_peers=list(initial_peers),
                 start=True,
                 host_maddrs=[listen],  # client mode too: never the daemon's default of every interface
@@ -92,6 +93,14 @@ def start_dht(
             logger.debug("DHT bootstrap failed (%s); retrying", e)
             time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
+
+
+class _LifelineDHT(hivemind.DHT):
+    """hivemind's DHT process, which exits (taking its libp2p daemon along) when the peer's main process dies."""
+
+    def run(self) -> None:
+        start_lifeline()
+        super().run()
 
 
 def read_peers(dht: hivemind.DHT, run_id: str, *, timeout: float) -> list[PeerRecord]:
