@@ -129,6 +129,19 @@ class SwarmAverager(DecentralizedAverager):
         # fixed size it fails on any larger group ("Sample larger than population"), so let it follow the group.
         self._matchmaking.group_key_manager.target_group_size = None
 
+    def set_deadlines(self, allreduce_timeout: float, matchmaking_time: float) -> None:
+        """The next rounds' all-reduce deadline (a third of it for each read or write of a stream) and the least time
+        matchmaking waits for a group to fill."""
+        self._outer_pipe.send(("_set_deadlines", [allreduce_timeout, matchmaking_time], {}))
+
+    async def _set_deadlines(self, allreduce_timeout: float, matchmaking_time: float) -> None:
+        self._allreduce_timeout = allreduce_timeout
+        self._chunk_timeout = allreduce_timeout / 3
+        if self._butterfly is not None:
+            self._butterfly.chunk_timeout = self._chunk_timeout
+        self._matchmaking.min_matchmaking_time = matchmaking_time
+        self._matchmaking.potential_leaders.min_matchmaking_time = matchmaking_time
+
     def _get_butterfly(self) -> Butterfly:
         if self._butterfly is None:
             self._butterfly = Butterfly(self._p2p, name=f"{self.prefix}.part", chunk_timeout=self._chunk_timeout)
@@ -151,6 +164,7 @@ class SwarmAverager(DecentralizedAverager):
             "reason": stats.reason if stats is not None else "no all-reduce ran",
             "allreduce_s": stats.seconds if stats else 0.0,
             "dropped": len(stats.dropped) if stats else 0,
+            "unreachable": sorted(stats.unreachable) if stats else [],
             "bytes_sent": stats.bytes_sent if stats else 0,
             "bytes_received": stats.bytes_received if stats else 0,
             "sent_by_peer": dict(stats.sent_by_peer) if stats else {},

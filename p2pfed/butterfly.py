@@ -163,6 +163,9 @@ class Butterfly:
                 await asyncio.wait_for(mine.all_replied.wait(), self.chunk_timeout)
             except TimeoutError:
                 pass  # a sender that stopped reading only shortens the count
+        for j, r in enumerate(results):
+            if isinstance(r, PartFailed | OSError | asyncio.TimeoutError) and j < len(peers) and j != me:
+                stats.unreachable.add(peers[j].to_base58())
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             unexpected = [f for f in failures if not isinstance(f, PartFailed | OSError | asyncio.TimeoutError)]
@@ -388,6 +391,8 @@ class Butterfly:
                 mine.add(sender, index, weight, piece, owned=True)  # decoded from (or read into) a fresh buffer
         except (TimeoutError, PartFailed, OSError, struct.error) as e:
             mine.fail(f"member {sender}'s part: {e}")
+            if sender < len(mine.peers):
+                mine.stats.unreachable.add(mine.peers[sender].to_base58())
             raise PartFailed(mine.error) from None
 
 

@@ -286,12 +286,15 @@ class Config(_Section):
             )
         return self
 
-    def group_size(self, ready_peers: int) -> int:
-        """How many peers a round waits for: every ready peer, at least swarm.min_peers (the expected swarm size;
-        below it a round waits averaging.matchmaking_time for the missing), capped by averaging.target_group_size."""
+    def group_size(self, ready_peers: int, *, formed: bool = False) -> int:
+        """How many peers a round waits for: every ready peer, capped by averaging.target_group_size. Until the swarm
+        has formed (swarm.min_peers peers seen ready at once) at least swarm.min_peers, so the first rounds wait
+        averaging.matchmaking_time for peers still starting; after that the live count rules, so a peer that died
+        costs no wait."""
         if self.averaging.mode == "gossip":
             return self.averaging.gossip_group_size
-        size = max(ready_peers, self.swarm.min_peers, self.averaging.min_group_size)
+        floor = self.averaging.min_group_size if formed else max(self.swarm.min_peers, self.averaging.min_group_size)
+        size = max(ready_peers, floor)
         cap = self.averaging.target_group_size
         return min(size, cap) if cap is not None else size
 

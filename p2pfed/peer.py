@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -96,6 +96,10 @@ class Peer:
         # (when last read, unfinished peers, ready peers), see _swarm_size
         self._swarm_checked: tuple[float, int, int] = (0.0, cfg.swarm.min_peers, cfg.swarm.min_peers)
         self._swarm_refresh: asyncio.Future[None] | None = None
+        self._suspects: dict[str, float] = {}  # peer id -> its announcement time when it failed to deliver
+        self._formed = False  # swarm.min_peers peers have been ready at once: from then on the live count rules
+        self._group_size = cfg.group_size(cfg.swarm.min_peers)  # what the averager was last told
+        self._ready_ids: dict[str, float] = {}  # ready peers of the last swarm read -> their announcement time
         self.stats: dict[str, Any] = {
             "rounds_ok": 0,
             "rounds_failed": 0,
@@ -107,6 +111,7 @@ class Peer:
             "gossip_missed": 0,
             "dropped": 0,
             "checkpoints": 0,
+            "waiting_s": 0.0,
         }
         self._last_save = time.monotonic()
         self._saving: asyncio.Future[None] | None = None
@@ -157,16 +162,49 @@ class Peer:
                 await self._swarm_refresh
         return self._swarm_checked[1], self._swarm_checked[2]
 
-    async def _refresh_swarm(self) -> None:
+    async def _refresh_swarm(self, others: list[PeerRecord] | None = None) -> None:
+        """Re-read the swarm (or use `others`, just read) and set the averager's group size from the ready peers that
+        are not suspected of being gone."""
         try:
-            others = [p for p in await self._others() if not p.finished]
+            others = [p for p in (others if others is not None else await self._others()) if not p.finished]
         except (TimeoutError, ActorDeadError) as e:
             logger.debug("swarm view not refreshed: %r", e)
             return
-        ready = 1 + len([p for p in others if p.ready])
-        if ready != self._swarm_checked[2]:
-            self.averager.tell(SetGroupSize(self.cfg.group_size(ready)))
-        self._swarm_checked = (time.monotonic(), 1 + len(others), ready)
+        for p in others:  # a suspect that announced itself again is back
+            if p.peer_id in self._suspects and p.announced_at > self._suspects[p.peer_id]:
+                del self._suspects[p.peer_id]
+        live = [p for p in others if p.peer_id not in self._suspects]
+        self._ready_ids = {p.peer_id: p.announced_at for p in live if p.ready}
+        ready = 1 + len(self._ready_ids)
+        self._formed = self._formed or ready >= self.cfg.swarm.min_peers
+        size = self.cfg.group_size(ready, formed=self._formed)
+        if size != self._group_size:
+            self.averager.tell(SetGroupSize(size))
+            self._group_size = size
+        self._swarm_checked = (time.monotonic(), 1 + len(live), ready)
+
+    def _no_shows(self, rnd: RoundResult) -> None:
+        """A group smaller than the size asked for formed after averaging.matchmaking_time: the ready peers that did
+        not join are suspects until they announce themselves again (alive ones do so within swarm.announce_every)."""
+        if self.cfg.averaging.mode == "gossip" or not rnd.members or rnd.group_size >= self._group_size:
+            return
+        missing = [peer for peer in self._ready_ids if peer not in rnd.members]
+        for peer in missing:
+            self._suspects[peer] = self._ready_ids[peer]
+            logger.info("ready peer %s did not join the round: not waited for until it announces itself", peer)
+        if missing:
+            self._swarm_checked = (0.0, *self._swarm_checked[1:])  # re-read the swarm before the next round
+
+    async def _suspect(self, peers: Sequence[str], others: list[PeerRecord]) -> None:
+        """Members whose part never came: leave them out of the group size until they announce themselves again (a
+        dead peer's record would otherwise hold every round for averaging.matchmaking_time until it expires). Their
+        own announcement times are compared, so clocks need not agree across machines."""
+        seen = {p.peer_id: p.announced_at for p in others}
+        for peer in peers:
+            if peer in seen:
+                self._suspects[peer] = seen[peer]
+                logger.info("member %s did not deliver: left out of the next rounds until it announces itself", peer)
+        await self._refresh_swarm(others)
 
     async def _others(self) -> list[PeerRecord]:
         peers = await self.discovery.ask(GetPeers(), timeout=self.cfg.averaging.request_timeout * 4)
@@ -359,6 +397,8 @@ class Peer:
             if rnd is None:
                 break
             self.stats["bytes_by_cloud"].update(rnd.bytes_by_cloud)
+            self.stats["waiting_s"] += rnd.waited_s
+            self._no_shows(rnd)
             self.stats["dropped"] += rnd.dropped
             if gossip and not rnd.committed:  # no partner this time, or a group that fell apart: train on
                 self.stats["gossip_missed"] += 1
@@ -387,6 +427,7 @@ class Peer:
                 self.stats["failures"][rnd.reason.split(":")[0]] += 1
                 logger.warning("round failed (%s); step skipped", rnd.reason)
                 everyone = await self._others()
+                await self._suspect(rnd.unreachable, everyone)
                 others = [p for p in everyone if not p.finished]
                 # finished peers count too: one that committed the last round without us lingers to share its state
                 ahead = max([p.step for p in everyone] + [rnd.max_group_step])
@@ -537,6 +578,12 @@ class Peer:
             "state_downloads": self.stats["state_downloads"],
             "failure_reasons": dict(self.stats["failures"]),
             "compute_s": round(self.stats["compute_s"], 3),
+            "waiting_s": round(self.stats["waiting_s"], 3),
+            "slowdown": self.profile.slowdown,
+            "deadlines": {
+                "matchmaking_s": round(self.averager.deadlines.matchmaking_s, 3),
+                "allreduce_s": round(self.averager.deadlines.allreduce_s, 3),
+            },
             "wall_s": round(time.perf_counter() - t_start, 3),
             "samples_per_s": round(self.samples_per_s, 2),
             "cloud": self.profile.cloud,

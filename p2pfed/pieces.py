@@ -42,6 +42,7 @@ class ButterflyStats:
     reason: str = ""
     seconds: float = 0.0  # wall time of the round's all-reduces (set by the averager)
     dropped: list[str] = field(default_factory=list)  # members' copies this peer's slices dropped, and why
+    unreachable: set[str] = field(default_factory=set)  # members (base58 ids) whose part or reply never came whole
 
     def add_sent(self, peer: str, n: int) -> None:
         self.bytes_sent += n
@@ -55,6 +56,7 @@ class ButterflyStats:
             self.sent_by_peer[peer] = self.sent_by_peer.get(peer, 0) + n
         self.reason = self.reason or other.reason
         self.dropped += other.dropped
+        self.unreachable |= other.unreachable
 
 
 def piece_sizes(size: int) -> list[int]:

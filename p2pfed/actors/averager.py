@@ -59,6 +59,10 @@ class Averager(Actor):
         self._control: Any = None  # the hivemind StepControl of the round in flight
         self.tcp_endpoint: list[Any] | None = None  # [host, port] of this averager's TCP listener
         self.mask_key = MaskKey() if cfg.privacy.secure_aggregation else None
+        a = cfg.averaging
+        self.deadlines = Deadlines(
+            matchmaking_time=a.matchmaking_time, timeout=a.timeout, request_timeout=a.request_timeout
+        )
 
     async def on_start(self) -> None:
         a = self.cfg.averaging
@@ -125,7 +129,7 @@ class Averager(Actor):
         with self.avg.get_tensors() as (buffer,):
             buffer.copy_(msg.flat_grad)
         t0 = time.perf_counter()
-        wait_s = a.matchmaking_time if msg.wait_s is None else msg.wait_s
+        wait_s = self.deadlines.matchmaking_s if msg.wait_s is None else msg.wait_s
         gossip = a.mode == "gossip"
         assert wait_s < a.round_timeout  # config validation guarantees it
         control = self.avg.step(
@@ -137,6 +141,7 @@ class Averager(Actor):
                 "cloud": self.cloud,
                 "weight": float(msg.weight),
                 "tcp": self.tcp_endpoint,
+                "ready_at": get_dht_time(),
             },
             # Give up finding a group soon after the wait: the peer then re-reads the swarm (it may be behind, or
             # alone) instead of retrying matchmaking for the whole round_timeout; gossip simply trains on.
@@ -162,6 +167,9 @@ class Averager(Actor):
         finally:
             self._control = None
         steps = [int(d.get("step", -1)) if isinstance(d, dict) else -1 for d in outcome["gathered"].values()]
+        arrived = [float(d.get("ready_at", 0.0)) for d in outcome["gathered"].values() if isinstance(d, dict)]
+        mine = outcome["gathered"].get(self.dht.peer_id.to_base58(), {})
+        waited = max(0.0, max(arrived, default=0.0) - float(mine.get("ready_at", 0.0))) if mine else 0.0
         result = RoundResult(
             committed=False,
             group_size=len(steps),
@@ -171,9 +179,19 @@ class Averager(Actor):
             bytes_received=outcome["bytes_received"],
             bytes_by_cloud=_by_cloud(outcome["sent_by_peer"], outcome["gathered"]),
             dropped=outcome["dropped"],
+            members=tuple(outcome["gathered"]),
+            waited_s=waited,
         )
+        if outcome["complete"]:
+            spread = max(arrived, default=0.0) - min(arrived, default=0.0)
+            if self.deadlines.observe(spread_s=spread, allreduce_s=float(outcome["allreduce_s"])):
+                self.avg.set_deadlines(self.deadlines.allreduce_s, self.deadlines.matchmaking_s)
         if not outcome["complete"]:
-            return replace(result, reason=f"incomplete all-reduce: {outcome['reason']}")
+            return replace(
+                result,
+                reason=f"incomplete all-reduce: {outcome['reason']}",
+                unreachable=tuple(outcome["unreachable"]),
+            )
         if gossip:  # members may be at different steps and hold different parameters: that is what gossip averages
             with self.avg.get_tensors() as (buffer,):
                 msg.flat_grad.copy_(buffer)
@@ -204,6 +222,39 @@ class Averager(Actor):
         except Exception as e:
             logger.warning("state download failed: %r", e)
             return None
+
+
+class Deadlines:
+    """Deadlines that follow measured rounds instead of fixed timeouts. How long a round waits for a missing member
+    follows how far apart members usually arrive (4 x its moving average, plus 0.5 s), and how long an all-reduce
+    may take follows how long complete ones took (10 x, plus 1 s). Each stays between a floor and its configured
+    ceiling (averaging.matchmaking_time, averaging.timeout), which also hold until rounds have been measured. The
+    wait's floor is above averaging.request_timeout (hivemind's matchmaking needs that) and WAIT_FLOOR_S, so that a
+    member's short hiccup (a checkpoint, a busy core) costs it no round."""
+
+    WAIT_FLOOR_S = 2.0
+    ALLREDUCE_FLOOR_S = 3.0
+
+    def __init__(self, *, matchmaking_time: float, timeout: float, request_timeout: float) -> None:
+        self.max_wait, self.max_allreduce = matchmaking_time, timeout
+        self.wait_floor = min(matchmaking_time, max(self.WAIT_FLOOR_S, request_timeout + 0.5))
+        self.matchmaking_s, self.allreduce_s = matchmaking_time, timeout
+        self._spread: float | None = None
+        self._allreduce: float | None = None
+
+    def observe(self, *, spread_s: float, allreduce_s: float) -> bool:
+        """Fold in a complete round; True when a deadline moved by more than 10% (the averager must be told)."""
+        self._spread = spread_s if self._spread is None else 0.8 * self._spread + 0.2 * spread_s
+        self._allreduce = allreduce_s if self._allreduce is None else 0.8 * self._allreduce + 0.2 * allreduce_s
+        wait = min(self.max_wait, max(self.wait_floor, 4 * self._spread + 0.5))
+        allreduce = min(self.max_allreduce, max(self.ALLREDUCE_FLOOR_S, 10 * self._allreduce + 1.0))
+        if (
+            abs(wait - self.matchmaking_s) <= 0.1 * self.matchmaking_s
+            and abs(allreduce - self.allreduce_s) <= 0.1 * self.allreduce_s
+        ):
+            return False
+        self.matchmaking_s, self.allreduce_s = wait, allreduce
+        return True
 
 
 # Members at one step hold the same parameters up to rounding (about one ULP per round): a relative difference in

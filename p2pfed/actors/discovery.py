@@ -190,6 +190,7 @@ class Discovery(Actor):
         now = get_dht_time()
         value = dataclasses.asdict(self._record)
         value["maddrs"] = list(value["maddrs"])
+        value["announced_at"] = now
         futures = [
             self.dht.store(
                 peers_key(self.run_id),

@@ -51,6 +51,7 @@ class PeerRecord:
     finished: bool = False
     maddrs: tuple[str, ...] = ()
     epsilon: float | None = None  # privacy.dp: spent so far (at the run's privacy.delta)
+    announced_at: float = 0.0  # DHT time of the announcement this record came from
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,9 @@ class RoundResult:
     bytes_received: int = 0
     bytes_by_cloud: dict[str, int] = field(default_factory=dict)  # remote cloud label -> bytes this peer sent there
     dropped: int = 0  # members' copies this peer's slices dropped (not finite, over the norm bound)
+    unreachable: tuple[str, ...] = ()  # members whose part or reply never came whole (dead, or stalled)
+    members: tuple[str, ...] = ()  # the group's peer ids (base58), when a group formed
+    waited_s: float = 0.0  # from this peer's arrival at the round to the last member's
 
 
 @dataclass(frozen=True)
