@@ -99,7 +99,7 @@ def _human_sink(every_s: float = 2.0) -> Callable[[str, dict[str, Any]], None]:
 def _jsonl_sink(kind: str, data: dict[str, Any]) -> None:
     if kind == "bootstrap":
         click.echo(data["text"])
-    click.echo(json.dumps({"kind": kind, **data}, default=str))
+    click.echo(json.dumps({"kind": kind, **data, "time": round(time.time(), 3)}, default=str))
     sys.stdout.flush()
 
 
@@ -376,6 +376,46 @@ def bench_comm(
             f"eval loss: {result['eval_loss']:.4f} (baseline {result['baseline_eval_loss']:.4f}), "
             f"ratio {result['eval_loss_ratio']:.3f}"
         )
+
+
+@bench.command("hetero")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default="configs/tiny.yaml",
+              show_default=True, help="the run both sides train")  # fmt: skip
+@_set_option
+@click.option("--slowdowns", default="1,1,3", show_default=True, help="one peer per value: its profile's slowdown")
+@click.option("--global-batch", type=click.IntRange(min=1), default=96, show_default=True,
+              help="samples per step for the whole swarm, on both sides")  # fmt: skip
+@click.option("--max-steps", type=click.IntRange(min=1), default=150, show_default=True)
+@click.option("--target-loss", type=float, default=None, help="also time each side until every peer reaches it")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="logs and reports (default: a temp dir)")
+@click.option("--timeout", type=click.FloatRange(min=1), default=1200.0, show_default=True, help="per swarm")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@user_errors
+def bench_hetero(
+    config_path: str,
+    overrides: tuple[str, ...],
+    slowdowns: str,
+    global_batch: int,
+    max_steps: int,
+    target_loss: float | None,
+    run_dir: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Peers of different speeds: fast peers' waiting fraction and time to a target loss, fixed vs adaptive batches."""
+    from p2pfed.bench.hetero import run_hetero
+
+    try:
+        values = [float(v) for v in slowdowns.split(",")]
+    except ValueError:
+        raise UserError(f"--slowdowns must be numbers separated by commas, got {slowdowns!r}") from None
+    if len(values) < 2 or any(v < 1.0 for v in values):
+        raise UserError(f"--slowdowns needs at least two values, each >= 1, got {slowdowns!r}")
+    result = run_hetero(
+        config=config_path, overrides=overrides, slowdowns=values, global_batch=global_batch, max_steps=max_steps,
+        target_loss=target_loss, run_dir=run_dir, timeout=timeout, say=lambda line: click.echo(line, err=True),
+    )  # fmt: skip
+    _print_result({k: v for k, v in result.items() if not isinstance(v, dict)} if not as_json else result, as_json)
 
 
 def _print_result(result: dict[str, Any], as_json: bool) -> None:

@@ -93,7 +93,15 @@ class DataConfig(_Section):
 
 class TrainingConfig(_Section):
     batch_size: int = Field(8, ge=1, description="sequences per peer per step")
-    micro_batch_size: int | None = Field(None, ge=1, description="sequences per forward/backward; default batch_size")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="sequences per forward/backward; default: the batch, or what fits (p2pfed/batching.py)"
+    )
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="sync mode: the swarm's batch per step, shared among peers in proportion to their measured "
+        "samples/s so all finish together; null: every peer computes batch_size",
+    )
     lr: float = Field(3e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="clip the averaged gradient to this L2 norm")
@@ -133,6 +141,11 @@ class AveragingConfig(_Section):
     gossip_group_size: int = Field(2, ge=2, description="gossip: peers per averaging group")
     outer_lr: float = Field(0.7, gt=0.0, description="diloco: outer learning rate (DiLoCo paper: 0.7)")
     outer_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="diloco: outer Nesterov momentum (paper: 0.9)")
+    adaptive_inner_steps: bool = Field(
+        False,
+        description="diloco: the fastest peer runs inner_steps local steps per phase, a slower one as many as fit in "
+        "the same time (in proportion to its measured samples/s); pseudo-gradients are averaged by samples",
+    )
     overlap: bool = Field(
         False,
         description="diloco: average a phase's pseudo-gradient while the next phase trains; the outer update "
@@ -278,6 +291,19 @@ class Config(_Section):
             raise ValueError(
                 f"averaging.aggregation {self.averaging.aggregation!r} needs averaging.mode sync, compression none, "
                 "fp16 or uint8, and privacy.secure_aggregation off (a reducer must see each member's update)"
+            )
+        adaptive = self.training.global_batch_size is not None or self.averaging.adaptive_inner_steps
+        if adaptive and self.privacy.dp:
+            raise ValueError(
+                "privacy.dp needs a fixed batch (its accountant composes one sample rate): leave "
+                "training.global_batch_size unset and averaging.adaptive_inner_steps off"
+            )
+        if self.averaging.adaptive_inner_steps and self.averaging.mode != "diloco":
+            raise ValueError("averaging.adaptive_inner_steps sizes DiLoCo phases: it needs averaging.mode diloco")
+        if self.training.global_batch_size is not None and self.averaging.mode not in ("sync", "hierarchical"):
+            raise ValueError(
+                "training.global_batch_size sizes sync steps; in averaging.mode diloco use "
+                "averaging.adaptive_inner_steps instead"
             )
         if self.averaging.mode == "gossip" and self.compression.sparse:
             raise ValueError(

@@ -37,7 +37,7 @@ class OverlappedRounds(PhaseRounds):
             averaged, rnd = await self._collect()
             if rnd is None:
                 return None
-        await self.trainer.ask(ApplyOuter(step, inner, averaged, carry=delta), timeout=600.0)
+        await self.trainer.ask(ApplyOuter(step, inner, averaged, carry=delta, samples=grads.samples), timeout=600.0)
         if alone:  # nobody to average with: the phase's own change is the "average"
             solo: asyncio.Future[RoundResult] = asyncio.get_running_loop().create_future()
             solo.set_result(RoundResult(committed=True, group_size=1))

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import statistics
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from p2pfed.actors.messages import (
 from p2pfed.actors.monitor import Monitor, Sink
 from p2pfed.actors.trainer import Trainer
 from p2pfed.admission import Admission
+from p2pfed.batching import BatchController
 from p2pfed.checkpoint import load_latest, save_checkpoint
 from p2pfed.config import Config, Profile
 from p2pfed.data import load_corpus
@@ -99,7 +101,10 @@ class Peer:
         self._suspects: dict[str, float] = {}  # peer id -> its announcement time when it failed to deliver
         self._formed = False  # swarm.min_peers peers have been ready at once: from then on the live count rules
         self._group_size = cfg.group_size(cfg.swarm.min_peers)  # what the averager was last told
-        self._ready_ids: dict[str, float] = {}  # ready peers of the last swarm read -> their announcement time
+        self._ready_ids: dict[str, float] = {}  # ready (or joining) peers of the last swarm read -> announce time
+        self._joining_ids: set[str] = set()  # peers downloading the swarm's state to join: rounds wait for them
+        self._rates: dict[str, float] = {}  # ready peers of the last swarm read -> their samples/s
+        self.batching = BatchController(cfg, profile)
         self.stats: dict[str, Any] = {
             "rounds_ok": 0,
             "rounds_failed": 0,
@@ -112,6 +117,7 @@ class Peer:
             "dropped": 0,
             "checkpoints": 0,
             "waiting_s": 0.0,
+            "work": [],  # samples computed per round
         }
         self._last_save = time.monotonic()
         self._saving: asyncio.Future[None] | None = None
@@ -133,7 +139,7 @@ class Peer:
             pass
         return None
 
-    def _record(self, *, loss: float | None, finished: bool = False) -> PeerRecord:
+    def _record(self, *, loss: float | None, finished: bool = False, joining: bool = False) -> PeerRecord:
         ready = getattr(self, "start_step", None) is not None and not finished
         return PeerRecord(
             peer_id=self.peer_id,
@@ -144,6 +150,7 @@ class Peer:
             samples_per_s=round(self.samples_per_s, 2),
             ready=ready,
             finished=finished,
+            joining=joining,
             epsilon=self.trainer.privacy.epsilon()
             if hasattr(self, "trainer") and self.trainer.privacy is not None
             else None,
@@ -174,7 +181,9 @@ class Peer:
             if p.peer_id in self._suspects and p.announced_at > self._suspects[p.peer_id]:
                 del self._suspects[p.peer_id]
         live = [p for p in others if p.peer_id not in self._suspects]
-        self._ready_ids = {p.peer_id: p.announced_at for p in live if p.ready}
+        self._joining_ids = {p.peer_id for p in live if p.joining}
+        self._ready_ids = {p.peer_id: p.announced_at for p in live if p.ready or p.joining}
+        self._rates = {p.peer_id: p.samples_per_s for p in live if p.ready}
         ready = 1 + len(self._ready_ids)
         self._formed = self._formed or ready >= self.cfg.swarm.min_peers
         size = self.cfg.group_size(ready, formed=self._formed)
@@ -188,7 +197,8 @@ class Peer:
         not join are suspects until they announce themselves again (alive ones do so within swarm.announce_every)."""
         if self.cfg.averaging.mode == "gossip" or not rnd.members or rnd.group_size >= self._group_size:
             return
-        missing = [peer for peer in self._ready_ids if peer not in rnd.members]
+        # a joining peer is away while it downloads the state: it is waited for, not suspected
+        missing = [peer for peer in self._ready_ids if peer not in rnd.members and peer not in self._joining_ids]
         for peer in missing:
             self._suspects[peer] = self._ready_ids[peer]
             logger.info("ready peer %s did not join the round: not waited for until it announces itself", peer)
@@ -323,6 +333,12 @@ class Peer:
         ahead = max((p.step for p in others if not p.finished), default=0)
         if ahead > self.trainer.step:
             self.monitor.tell(Event("joining", f"swarm is at step {ahead}: downloading its state"))
+            if cfg.averaging.mode in ("sync", "hierarchical"):
+                # Say so first and give the others one announce period to see it: their next round then waits for
+                # this peer, so the state downloaded is the state of that round (not one the swarm has moved past).
+                self.discovery.tell(Announce(self._record(loss=None, joining=True), now=True))
+                await self._until_stop(asyncio.sleep(cfg.swarm.announce_every + 0.5))
+                ahead = max([ahead] + [p.step for p in await self._others() if not p.finished])
             for _ in range(3):
                 if await self._catch_up(ahead):
                     break
@@ -345,11 +361,13 @@ class Peer:
             self.ctx.step = step
             if self.max_steps is not None and step >= self.max_steps:
                 break
+            rates = {**self._rates, self.peer_id: self.samples_per_s}  # ready peers' measured samples/s
             if diloco or gossip:  # H local steps (fewer at the end of the run), then one round
                 inner = min(cfg.averaging.inner_steps, (self.max_steps or step + cfg.averaging.inner_steps) - step)
-                work: Any = RunInnerSteps(steps=inner, first_step=step)
+                local_steps = min(inner, self.batching.inner_steps(rates, self.peer_id)) if diloco else inner
+                work: Any = RunInnerSteps(steps=local_steps, first_step=step)  # the swarm's step advances by inner
             else:
-                inner, work = 1, ComputeGradients()
+                inner, work = 1, ComputeGradients(batch_size=self.batching.batch(rates, self.peer_id))
             privacy = self.trainer.privacy
             left = privacy.steps_left() if privacy is not None else None
             if privacy is not None and left is not None and left < inner:
@@ -367,6 +385,7 @@ class Peer:
             if grads is None:
                 break
             self.stats["compute_s"] += grads.compute_s
+            self.stats["work"].append(grads.samples)
             rate = grads.samples / max(grads.compute_s, 1e-9)
             self.samples_per_s = rate if self.samples_per_s == 0 else 0.8 * self.samples_per_s + 0.2 * rate
             local = grads.flat_grad.clone() if self.opt.dump_grads and dumped < _DUMP_ROUNDS else None
@@ -388,7 +407,7 @@ class Peer:
                             flat_grad=grads.flat_grad,
                             weight=grads.samples,
                             fingerprint=self.trainer.fingerprint,
-                            wait_s=wait_s,
+                            wait_s=cfg.averaging.catchup_grace if wait_s is None and self._joining_ids else wait_s,
                         ),
                         timeout=cfg.averaging.round_timeout + cfg.averaging.timeout + 10,
                     )
@@ -410,7 +429,10 @@ class Peer:
                 if local is not None:
                     dump_round(self.opt.dump_grads, self.peer_id, step, grads.samples, local, grads.flat_grad)
                     dumped += 1
-                apply = ApplyOuter(step, inner, grads.flat_grad) if diloco else ApplyUpdate(step)
+                if diloco:
+                    apply: Any = ApplyOuter(step, inner, grads.flat_grad, samples=grads.samples)
+                else:
+                    apply = ApplyUpdate(step, samples=grads.samples)
                 await self.trainer.ask(apply, timeout=eval_timeout)
                 if self.opt.perturb_at == step:
                     await self.trainer.ask(Perturb(), timeout=eval_timeout)
@@ -580,6 +602,7 @@ class Peer:
             "compute_s": round(self.stats["compute_s"], 3),
             "waiting_s": round(self.stats["waiting_s"], 3),
             "slowdown": self.profile.slowdown,
+            "samples_per_round": round(statistics.mean(self.stats["work"]), 2) if self.stats["work"] else 0.0,
             "deadlines": {
                 "matchmaking_s": round(self.averager.deadlines.matchmaking_s, 3),
                 "allreduce_s": round(self.averager.deadlines.allreduce_s, 3),

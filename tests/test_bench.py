@@ -58,19 +58,19 @@ def test_hivemind_reference_peers_train_together(launcher: Launcher, tmp_path: P
     def args(i: int, extra: list[str]) -> list[str]:
         return [
             "bench", "hivemind-peer", "--config", TINY, "--listen", "/ip4/127.0.0.1/tcp/0", "--index", str(i),
-            "--peers", "2", "--max-steps", "3", "--report", str(tmp_path / f"hm{i}.json"), *extra,
+            "--peers", "2", "--max-steps", "2", "--report", str(tmp_path / f"hm{i}.json"), *extra,
         ]  # fmt: skip
 
     # Execute
     first = launcher.start(*args(0, []), name="hm0")
     second = launcher.start(*args(1, ["--initial-peers", first.bootstrap()]), name="hm1")
 
-    # Assert: both reached 3 optimizer steps of the swarm (hivemind epochs) and learned something
+    # Assert: both reached 2 optimizer steps of the swarm (hivemind epochs) and learned something
     for peer in (first, second):
         assert peer.wait(timeout=180) == 0, peer.stderr()[-3000:]
     for i in range(2):
         report = json.loads((tmp_path / f"hm{i}.json").read_text())
-        assert report["epochs"] >= 3 and report["steps"] >= 3
+        assert report["epochs"] >= 2 and report["steps"] >= 2
         assert report["eval_loss"] < report["initial_eval_loss"]
     progress = [json.loads(line) for line in first.stdout().splitlines() if line.startswith('{"kind": "progress"')]
     assert progress and all("eval_loss" in p for p in progress)

@@ -67,7 +67,7 @@ def test_kill_9_in_the_middle_of_saves_never_leaves_the_newest_checkpoint_unload
             [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         assert writer.stdout is not None
-        writer.stdout.readline()  # at least one save of this life completed
+        assert writer.stdout.readline(), writer.stderr.read() if writer.stderr else ""  # one save of this life done
 
         # Execute: kill -9 at a random moment
         time.sleep(rng.uniform(0.0, 0.4))

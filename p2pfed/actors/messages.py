@@ -52,6 +52,7 @@ class PeerRecord:
     maddrs: tuple[str, ...] = ()
     epsilon: float | None = None  # privacy.dp: spent so far (at the run's privacy.delta)
     announced_at: float = 0.0  # DHT time of the announcement this record came from
+    joining: bool = False  # about to download the swarm's state: sync rounds hold their group open for it
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,9 @@ class GetPeers:
 
 @dataclass(frozen=True)
 class ComputeGradients:
-    """Forward/backward on the next local batch. Reply: GradientsReady."""
+    """Forward/backward on the next `batch_size` local sequences (None: training.batch_size). Reply: GradientsReady."""
+
+    batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,9 +86,11 @@ class GradientsReady:
 
 @dataclass(frozen=True)
 class ApplyUpdate:
-    """Apply the averaged gradient (now in the trainer's flat_grad) as optimizer step `step`."""
+    """Apply the averaged gradient (now in the trainer's flat_grad) as optimizer step `step`, which trained on
+    `samples` local sequences (None: training.batch_size)."""
 
     step: int
+    samples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,7 @@ class ApplyOuter:
     steps: int
     averaged: torch.Tensor | None
     carry: torch.Tensor | None = None
+    samples: int | None = None  # local sequences the phase trained on (None: steps x training.batch_size)
 
 
 @dataclass(frozen=True)

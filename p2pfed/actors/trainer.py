@@ -33,6 +33,7 @@ from p2pfed.actors.messages import (
     Snapshot,
     TakeCheckpoint,
 )
+from p2pfed.batching import BatchController
 from p2pfed.config import Config, Profile
 from p2pfed.data import Corpus
 from p2pfed.errors import UserError
@@ -53,6 +54,7 @@ class Trainer(Actor):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self.batching = BatchController(cfg, profile)  # micro-batch sizes (the round loop asks it for the rest)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pfed-torch")
         self._lock = threading.Lock()  # guards model and optimizer against state downloads from other threads
         self.step = 0
@@ -138,12 +140,12 @@ class Trainer(Actor):
     # --- compute -------------------------------------------------------------------------------------------------
 
     async def on_ComputeGradients(self, msg: ComputeGradients) -> GradientsReady:
-        return await self._run(self._compute)
+        return await self._run(self._compute, msg.batch_size or self.cfg.training.batch_size)
 
     def _forward_backward(self, batch: torch.Tensor) -> float:
         """Gradients of the mean loss over `batch` (B, T) into p.grad, in micro-batches; returns the mean loss.
         With privacy.dp, p.grad is the batch's DP-SGD gradient (per-example clipped, noised) and the step counts."""
-        micro = self.cfg.training.micro_batch_size or len(batch)
+        micro = self.batching.micro_batch(len(batch), self.device, self._probe)
         total_loss = 0.0
         self.model.train()
         if self.privacy is not None:
@@ -171,9 +173,16 @@ class Trainer(Actor):
             compute_s = time.perf_counter() - t0
         return compute_s
 
-    def _compute(self) -> GradientsReady:
+    def _probe(self, m: int) -> None:
+        """One forward and backward of m sequences, gradients discarded: does a micro-batch of m fit (GPU)?"""
+        ids = self.shard[:m].to(self.device)
+        self.model(input_ids=ids, labels=ids).loss.backward()
+        for p in self.params:
+            p.grad = None
+
+    def _compute(self, batch_size: int) -> GradientsReady:
         t0 = time.perf_counter()
-        batch = self._next_batch(self.cfg.training.batch_size)
+        batch = self._next_batch(batch_size)
         with self._lock:
             loss = self._forward_backward(batch)
             offset = 0
@@ -219,9 +228,12 @@ class Trainer(Actor):
         )
 
     async def on_ApplyOuter(self, msg: ApplyOuter) -> None:
-        await self._run(self._apply_outer, msg.step, msg.steps, msg.averaged, msg.carry)
+        samples = msg.samples if msg.samples is not None else msg.steps * self.cfg.training.batch_size
+        await self._run(self._apply_outer, msg.step, msg.steps, msg.averaged, msg.carry, samples)
 
-    def _apply_outer(self, step: int, steps: int, averaged: torch.Tensor | None, carry: torch.Tensor | None) -> None:
+    def _apply_outer(
+        self, step: int, steps: int, averaged: torch.Tensor | None, carry: torch.Tensor | None, samples: int
+    ) -> None:
         """Outer Nesterov step of theta_start along `averaged` (None: a failed round, theta_start stays), then
         theta = theta_start - carry: the local phase whose average is still under way (overlap), or nothing."""
         with self._lock, torch.no_grad():
@@ -243,7 +255,7 @@ class Trainer(Actor):
                     p.sub_(carry[offset : offset + n].view_as(p).to(self.device))
                 offset += n
             self.step = step + steps
-            self.samples_seen += steps * self.cfg.training.batch_size
+            self.samples_seen += samples
             self.fingerprint = self._fingerprint()
 
     async def on_FlatParams(self, msg: FlatParams) -> torch.Tensor:
@@ -284,9 +296,9 @@ class Trainer(Actor):
             group["lr"] = lr
 
     async def on_ApplyUpdate(self, msg: ApplyUpdate) -> None:
-        await self._run(self._apply, msg.step)
+        await self._run(self._apply, msg.step, msg.samples or self.cfg.training.batch_size)
 
-    def _apply(self, step: int) -> None:
+    def _apply(self, step: int, samples: int) -> None:
         t = self.cfg.training
         with self._lock:
             offset = 0
@@ -302,7 +314,7 @@ class Trainer(Actor):
             self.optimizer.step()
             self.fingerprint = self._fingerprint()
             self.step = step + 1
-            self.samples_seen += t.batch_size
+            self.samples_seen += samples
 
     async def on_Evaluate(self, msg: Evaluate) -> float:
         return await self._run(self._evaluate)

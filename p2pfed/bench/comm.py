@@ -15,18 +15,15 @@ Per side: bytes_per_token = mean over peers of (bytes sent on the averaging wire
 
 from __future__ import annotations
 
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from p2pfed.bench.hetero import run_swarm
 from p2pfed.config import load_config
-from p2pfed.errors import UserError
 
 __all__ = ["run_comm"]
 
@@ -44,21 +41,12 @@ def _side(
     timeout: float,
     say: Callable[[str], None],
 ) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "p2pfed", "swarm", "--peers", str(peers), "--config", config]
-    cmd += [arg for o in overrides for arg in ("--set", o)]
-    report_path = run_dir / name / "report.json"
-    cmd += ["--max-steps", str(max_steps), "--run-dir", str(run_dir / name), "--report", str(report_path)]
-    cmd += ["--timeout", str(timeout)]
-    say(f"{name}: {peers} peers, {max_steps} steps, overrides {list(overrides) or 'none'}")
     t0 = time.perf_counter()
-    with open(run_dir / f"{name}.log", "w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
-    if code != 0 or not report_path.exists():
-        raise UserError(f"the {name} swarm exited with code {code}; see {run_dir / name}")
-    report = json.loads(report_path.read_text())
+    report = run_swarm(
+        name, config=config, overrides=overrides, peers=peers, max_steps=max_steps, run_dir=run_dir, timeout=timeout,
+        say=say,
+    )  # fmt: skip
     rows = report["peers"]
-    if len(rows) != peers:
-        raise UserError(f"the {name} swarm reported {len(rows)} of {peers} peers; see {run_dir / name}")
     seq_len = load_config(config, list(overrides)).model.seq_len
     per_token = [r["bytes_sent"] / max(1, r["samples"] * seq_len) for r in rows]
     side = {

@@ -1,0 +1,118 @@
+"""Work per peer sized from measured speed (p2pfed/batching.py): shares of the global batch and DiLoCo inner steps in
+proportion to samples/s, micro-batches under a memory cap, and a swarm whose slow peer computes a third of a fast
+one's share.
+
+.venv/bin/python -m pytest -q tests/test_batching.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from p2pfed.batching import BatchController, activation_bytes
+from p2pfed.config import Profile, load_config
+from p2pfed.errors import ConfigError
+from tests.conftest import ROOT, TINY, Launcher, wait_no_leftovers
+
+SLOW = str(ROOT / "peers" / "local-cpu-slow3.yaml")
+FAST = str(ROOT / "peers" / "local-cpu.yaml")
+
+
+def test_sync_shares_follow_measured_speed_and_add_up_to_the_global_batch() -> None:
+    # Prepare
+    batching = BatchController(load_config(TINY, ["training.global_batch_size=70"]), Profile())
+    rates = {"a": 300.0, "b": 300.0, "c": 100.0}
+
+    # Execute
+    shares = {peer: batching.batch(rates, peer) for peer in rates}
+
+    # Assert: 3 : 3 : 1 of 70, every peer at least one sample
+    assert shares == {"a": 30, "b": 30, "c": 10}
+    assert batching.batch({"a": 1e6, "b": 1.0}, "b") == 1
+    assert batching.batch({"a": 0.0, "b": 50.0, "c": 50.0}, "b") == round(70 / 3)  # a peer not yet measured: equal
+    assert BatchController(load_config(TINY), Profile()).batch(rates, "c") == 8  # no global batch: training.batch_size
+
+
+def test_diloco_inner_steps_fit_the_fastest_peers_phase() -> None:
+    cfg = load_config(
+        TINY, ["averaging.mode=diloco", "averaging.inner_steps=30", "averaging.adaptive_inner_steps=true"]
+    )
+    batching = BatchController(cfg, Profile())
+    rates = {"fast": 400.0, "mid": 200.0, "slow": 1.0}
+    assert [batching.inner_steps(rates, p) for p in rates] == [30, 15, 1]
+    assert batching.inner_steps({"fast": 400.0, "new": 0.0}, "new") == 30  # not measured yet
+
+
+def test_cpu_micro_batches_stay_under_the_memory_cap() -> None:
+    # Prepare: a cap that fits about 10 sequences of the small preset at half the cap
+    cfg = load_config(TINY, ["model.preset=small"])
+    per = activation_bytes(seq_len=64, hidden=256, layers=4, heads=4, vocab=256)
+    cap_gb = 20 * per / 2**30
+
+    # Execute / Assert
+    assert BatchController(cfg, Profile(memory_cap_gb=cap_gb)).micro_batch(64, torch.device("cpu")) == 10
+    assert BatchController(cfg, Profile()).micro_batch(64, torch.device("cpu")) == 64  # no cap: the whole batch
+    fixed = load_config(TINY, ["training.micro_batch_size=4"])
+    assert BatchController(fixed, Profile(memory_cap_gb=cap_gb)).micro_batch(64, torch.device("cpu")) == 4
+
+
+def test_gpu_probing_halves_until_a_micro_batch_fits() -> None:
+    # Prepare: a "GPU" on which more than 5 sequences run out of memory
+    tried = []
+
+    def probe(m: int) -> None:
+        tried.append(m)
+        if m > 5:
+            raise torch.cuda.OutOfMemoryError("out of memory")
+
+    batching = BatchController(load_config(TINY), Profile())
+
+    # Execute / Assert: 32 -> 16 -> 8 -> 4, and the answer is remembered per batch size
+    assert batching.micro_batch(40, torch.device("cuda"), probe) == 4
+    assert tried == [32, 16, 8, 4]
+    assert batching.micro_batch(40, torch.device("cuda"), probe) == 4 and len(tried) == 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["training.global_batch_size=24", "averaging.mode=diloco"], "use averaging.adaptive_inner_steps"),
+        (["averaging.adaptive_inner_steps=true"], "needs averaging.mode diloco"),
+        (["training.global_batch_size=24", "privacy.dp=true"], "privacy.dp needs a fixed batch"),
+    ],
+)
+def test_adaptive_sizes_reject_what_they_cannot_serve(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+@pytest.mark.slow
+def test_a_slow_peer_computes_a_third_of_a_fast_peers_share(launcher: Launcher, tmp_path: Path) -> None:
+    # Prepare: three peers, the third emulating hardware three times slower; 48 samples per step for the swarm
+    report = tmp_path / "report.json"
+
+    # Execute
+    swarm = launcher.start(
+        "swarm", "--peers", "3", "--config", TINY, "--profile", FAST, "--profile", FAST, "--profile", SLOW,
+        "--max-steps", "40", "--set", "training.global_batch_size=48", "--run-dir", str(tmp_path / "run"),
+        "--report", str(report), name="swarm",
+    )  # fmt: skip
+    code = swarm.wait(timeout=300)
+
+    # Assert: shares in proportion to speed (about 3 : 3 : 1 once measured), one global batch per step, agreement
+    assert code == 0, swarm.stderr()[-2000:]
+    peers = json.loads(report.read_text())["peers"]
+    fast, slow = [p for p in peers if p["slowdown"] == 1.0], [p for p in peers if p["slowdown"] == 3.0]
+    assert len(fast) == 2 and len(slow) == 1
+    ratio = slow[0]["samples_per_round"] / (sum(p["samples_per_round"] for p in fast) / 2)
+    assert 0.2 < ratio < 0.55, ratio  # a third, measured on a shared two-core machine
+    total = sum(p["samples"] for p in peers) / 40
+    assert 44 <= total <= 52  # about one global batch per step
+    for p in peers:
+        assert p["eval_loss"] < p["initial_eval_loss"] - 1.0
+    assert json.loads(report.read_text())["max_param_divergence"] < 1e-4
+    assert wait_no_leftovers(launcher) == []
