@@ -139,12 +139,13 @@ def peer(
     verbose: bool,
 ) -> None:
     """Start one peer: join (or start) a swarm and train until --max-steps or Ctrl+C."""
-    from p2pfed.config import load_config, load_profile
+    from p2pfed.config import check_initial_peers, load_config, load_profile
 
     if listen:
         overrides = (*overrides, f"swarm.listen={listen}")
     cfg = load_config(config_path, overrides)
     profile = load_profile(profile_path)
+    check_initial_peers(initial_peers)  # before the slow imports: a typo costs a second, not ten
     if resume is not None:
         from pathlib import Path
 
@@ -249,6 +250,9 @@ def status(
     initial_peers: tuple[str, ...], run_id: str | None, as_json: bool, timeout: float, swarm_key: str | None
 ) -> None:
     """List the live peers of the swarm reachable through --initial-peers."""
+    from p2pfed.config import check_initial_peers
+
+    check_initial_peers(initial_peers)
     from p2pfed.status import collect_status, render_status
 
     runs = collect_status(list(initial_peers), run_id=run_id, timeout=timeout, swarm_key=swarm_key)

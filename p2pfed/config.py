@@ -8,6 +8,7 @@ profile (`peers/*.yaml`) says what one machine brings. Both reject unknown keys 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,7 @@ __all__ = [
     "SwarmConfig",
     "TrainingConfig",
     "apply_overrides",
+    "check_initial_peers",
     "load_config",
     "load_profile",
 ]
@@ -242,6 +244,9 @@ class SwarmConfig(_Section):
     join_timeout: float = Field(120.0, gt=0.0, description="seconds to wait for min_peers before giving up")
     announce_every: float = Field(2.0, gt=0.0, description="seconds between this peer's DHT announcements")
     record_ttl: float = Field(10.0, gt=0.0, description="seconds an announcement stays live without renewal")
+    bootstrap_retry_s: float = Field(
+        18.0, gt=0.0, description="seconds a starting peer keeps dialling --initial-peers before it gives up"
+    )
     listen: str = Field("/ip4/127.0.0.1/tcp/0", description="multiaddr the DHT and averager listen on")
 
 
@@ -336,6 +341,17 @@ class Profile(_Section):
     region: str = Field("", description="region label, e.g. us-east-1")
     slowdown: float = Field(1.0, ge=1.0, description="emulate slower hardware: sleep (slowdown-1)x compute time")
     client_mode: bool = Field(False, description="dial out only; for peers that cannot accept connections")
+
+
+def check_initial_peers(maddrs: Sequence[str]) -> None:
+    """ConfigError unless every --initial-peers value is a full multiaddr with a peer id (cheap: checked before a
+    command imports its heavy parts)."""
+    for maddr in maddrs:
+        if not maddr.startswith("/") or "/p2p/" not in maddr:
+            raise ConfigError(
+                f"--initial-peers {maddr!r} is not a full multiaddr with a peer id "
+                "(expected /ip4/HOST/tcp/PORT/p2p/PEER_ID, as printed on a peer's 'bootstrap:' line)"
+            )
 
 
 def _format_error(err: ValidationError, where: str) -> str:

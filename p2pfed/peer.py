@@ -237,6 +237,7 @@ class Peer:
             announce_every=cfg.swarm.announce_every,
             run_info={"min_peers": cfg.swarm.min_peers, "mode": cfg.averaging.mode},
             record_validators=[v for v in [self.admission.dht_validator() if self.admission else None] if v],
+            bootstrap_retry_s=cfg.swarm.bootstrap_retry_s,
         )
         self.sup = Supervisor([self.monitor, self.discovery])
         try:

@@ -6,7 +6,7 @@ import dataclasses
 import time
 from typing import Any
 
-from p2pfed.actors.discovery import read_peers, runs_key, start_dht
+from p2pfed.actors.discovery import BOOTSTRAP_RETRY_S, read_peers, runs_key, start_dht
 from p2pfed.admission import SealedRecords, read_swarm_key
 from p2pfed.errors import UserError
 
@@ -19,7 +19,7 @@ def collect_status(
     validator = SealedRecords(read_swarm_key(swarm_key)) if swarm_key is not None else None
     dht = start_dht(
         initial_peers=initial_peers, listen="/ip4/127.0.0.1/tcp/0", client_mode=True, startup_timeout=timeout,
-        record_validators=[validator] if validator is not None else [],
+        record_validators=[validator] if validator is not None else [], retry_s=min(timeout, BOOTSTRAP_RETRY_S),
     )  # fmt: skip
     try:
         # A client that has just joined may not reach the nodes holding the key on its first lookup: retry briefly.

@@ -18,12 +18,15 @@ _ABSENT_PEER = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWQzfeUBkc1WVAFp3wfB8DkVx34YpUJsK
     [
         (["peer", "--config", TINY, "--initial-peers", "not-a-multiaddr"], "not-a-multiaddr"),
         (["peer", "--config", TINY, "--initial-peers", "/ip4/127.0.0.1/tcp/9"], "peer id"),
-        (["peer", "--config", TINY, "--initial-peers", _ABSENT_PEER], "could not reach"),
+        (
+            ["peer", "--config", TINY, "--initial-peers", _ABSENT_PEER, "--set", "swarm.bootstrap_retry_s=4"],
+            "could not reach",
+        ),  # fmt: skip
         (["peer", "--config", TINY, "--set", "averaging.bogus=1"], "averaging.bogus"),
         (["peer", "--config", TINY, "--set", "averaging.timeout=-5"], "averaging.timeout"),
         (["peer", "--config", "/nonexistent/run.yaml"], "does not exist"),
         (["swarm", "--peers", "2", "--config", TINY, "--set", "modle.arch=llama"], "modle"),
-        (["status", "--initial-peers", _ABSENT_PEER], "could not reach"),
+        (["status", "--initial-peers", _ABSENT_PEER, "--timeout", "4"], "could not reach"),
     ],
     ids=["malformed", "no-peer-id", "unreachable", "unknown-key", "bad-value", "missing-config", "swarm-key", "status"],
 )

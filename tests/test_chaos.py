@@ -23,7 +23,7 @@ from tests.conftest import CPU_PROFILE, TINY, Launcher, PeerProcess, group_membe
 
 pytestmark = pytest.mark.slow
 
-STEPS = 260
+STEPS = 220
 KILLS = 3
 TRAIN_BEFORE_KILL = 5  # rounds an incarnation of the victim trains with the swarm before it is killed
 MATCHMAKING_S, TIMEOUT_S = 5.0, 10.0

@@ -359,7 +359,9 @@ def test_payload_sizes_follow_their_formulas(numel: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "compressor", [Fp32(), RandomK(ratio=0.1, seed=3), ErrorFeedback(RandomK(ratio=0.1, seed=3))], ids=repr
+    "compressor",
+    [Fp32(), RandomK(ratio=0.1, seed=3), ErrorFeedback(RandomK(ratio=0.1, seed=3))],
+    ids=["fp32", "randomk", "randomk-error-feedback"],
 )
 def test_linear_compressors_average_in_the_compressed_domain(compressor: Compressor) -> None:
     # Prepare: three peers' vectors, compressed in the same round

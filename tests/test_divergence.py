@@ -1,12 +1,18 @@
-"""Fault injection: a peer whose parameters silently diverge (as after an update only it applied) is caught by the
-group's parameter fingerprints at its next round, downloads the majority's state, and the swarm ends in agreement."""
+"""Fault injection, two faults in one swarm of three:
+- a peer whose parameters silently diverge (as after an update only it applied) is caught by the group's parameter
+  fingerprints at its next round, downloads the majority's state, and the swarm ends in agreement;
+- a peer that sends NaN, inf and 1e30 updates (the hidden --fault-update test aid) has its copies dropped by the
+  reducers before any sum (p2pfed/robust.py), so every peer stays finite and the loss still falls."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from p2pfed.actors.averager import _diverged_members
 from p2pfed.report import max_param_divergence
@@ -31,8 +37,9 @@ def test_diverged_members(prints: dict[str, float], expected: set[str]) -> None:
 
 
 @pytest.mark.slow
-def test_diverged_peer_recovers_the_swarm_state(launcher: Launcher, tmp_path: Path) -> None:
-    # Prepare: three peers; the third corrupts its own parameters after step PERTURB_AT.
+def test_a_diverged_peer_recovers_and_a_garbage_sending_peer_is_ignored(launcher: Launcher, tmp_path: Path) -> None:
+    # Prepare: three peers; the second sends garbage updates every round, the third corrupts its own parameters
+    # after step PERTURB_AT.
     def args(i: int, extra: list[str]) -> list[str]:
         return [
             "peer", "--config", TINY, "--profile", CPU_PROFILE, "--max-steps", str(STEPS), "--events", "jsonl",
@@ -43,7 +50,7 @@ def test_diverged_peer_recovers_the_swarm_state(launcher: Launcher, tmp_path: Pa
 
     first = launcher.start(*args(0, []), name="peer0")
     bootstrap = first.bootstrap()
-    second = launcher.start(*args(1, ["--initial-peers", bootstrap]), name="peer1")
+    second = launcher.start(*args(1, ["--initial-peers", bootstrap, "--fault-update", "mixed"]), name="peer1")
     faulty = launcher.start(*args(2, ["--initial-peers", bootstrap, "--perturb-at", str(PERTURB_AT)]), name="peer2")
 
     # Execute
@@ -52,11 +59,19 @@ def test_diverged_peer_recovers_the_swarm_state(launcher: Launcher, tmp_path: Pa
     # Assert: the faulty peer was detected, took the others' state, and everyone ends with the same parameters.
     assert codes == [0, 0, 0], [p.stderr()[-2000:] for p in (first, second, faulty)]
     reports = [json.loads((tmp_path / f"peer{i}.json").read_text()) for i in range(3)]
-    assert "fault injection" in faulty.stderr()
+    assert "fault injection: parameters perturbed" in faulty.stderr()
     assert any("diverged" in reason for reason in reports[2]["failure_reasons"])
     assert reports[2]["state_downloads"] >= 1
     assert reports[0]["state_downloads"] == 0 and reports[1]["state_downloads"] == 0
     assert all(r["final_step"] == STEPS for r in reports)
     divergence = max_param_divergence([tmp_path / f"peer{i}.safetensors" for i in range(3)])
     assert divergence is not None and divergence < 1e-4
+
+    # Assert: the garbage never reached a model: every parameter finite, the loss fell, the copies were dropped
+    for i, report in enumerate(reports):
+        assert all(bool(torch.isfinite(t).all()) for t in load_file(tmp_path / f"peer{i}.safetensors").values())
+        assert math.isfinite(report["eval_loss"]) and report["eval_loss"] < report["initial_eval_loss"] - 1.0
+    assert "fault injection: this round's update carries" in second.stderr()
+    assert sum(r["contributions_dropped"] for r in reports) >= STEPS // 2
+    assert "dropped a contribution" in first.stderr() + faulty.stderr()
     assert wait_no_leftovers(launcher) == []

@@ -1,7 +1,7 @@
 """Robust aggregation (p2pfed/robust.py): reducers drop members' copies that are not finite or break the norm bound,
 and the robust rules equal plain-torch references; over real libp2p daemons, a member that sends NaN, inf or 1e30
 leaves the others with the mean of the honest members. The end-to-end swarm with a faulty peer is in
-tests/test_fault_peer.py.
+tests/test_divergence.py.
 
 .venv/bin/python -m pytest -q tests/test_robust.py
 """

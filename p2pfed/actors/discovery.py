@@ -16,6 +16,7 @@ from hivemind.utils import get_dht_time
 
 from p2pfed.actors.base import Actor
 from p2pfed.actors.messages import Announce, GetPeers, PeerRecord
+from p2pfed.config import check_initial_peers
 from p2pfed.errors import UserError
 from p2pfed.lifeline import start_lifeline
 
@@ -24,7 +25,7 @@ __all__ = ["Discovery", "peers_key", "runs_key", "start_dht", "read_peers"]
 logger = logging.getLogger(__name__)
 
 RUNS_KEY = "p2pfed.runs"
-_BOOTSTRAP_RETRY_S = 18.0  # keeps an unreachable address's one-line error well under 30 s
+BOOTSTRAP_RETRY_S = 18.0  # keeps an unreachable address's one-line error well under 30 s
 
 
 def runs_key() -> str:
@@ -44,14 +45,11 @@ def start_dht(
     announce_maddrs: Sequence[str] = (),
     startup_timeout: float = 30.0,
     record_validators: Sequence[Any] = (),
+    retry_s: float = BOOTSTRAP_RETRY_S,
 ) -> hivemind.DHT:
-    """Start a DHT process bound to `listen` only, with NAT traversal off; user mistakes become UserError."""
-    for maddr in initial_peers:
-        if not maddr.startswith("/") or "/p2p/" not in maddr:
-            raise UserError(
-                f"--initial-peers {maddr!r} is not a full multiaddr with a peer id "
-                "(expected /ip4/HOST/tcp/PORT/p2p/PEER_ID, as printed on a peer's 'bootstrap:' line)"
-            )
+    """Start a DHT process bound to `listen` only, with NAT traversal off; user mistakes become UserError. An
+    unreachable bootstrap address is retried for `retry_s` seconds (a busy live peer may miss the first dial)."""
+    check_initial_peers(initial_peers)
     kwargs: dict[str, Any] = {}
     if identity_path is not None:
         kwargs["identity_path"] = identity_path
@@ -61,7 +59,7 @@ def start_dht(
         kwargs["record_validators"] = list(record_validators)
     # A daemon that cannot dial its bootstrap peers exits at once; under load a live peer can miss that first
     # dial, so keep trying for a while before calling the address unreachable.
-    give_up = time.monotonic() + _BOOTSTRAP_RETRY_S
+    give_up = time.monotonic() + retry_s
     for attempt in itertools.count():
         try:
             return _LifelineDHT(
@@ -138,6 +136,7 @@ class Discovery(Actor):
         run_info: dict[str, Any],
         request_timeout: float = 10.0,
         record_validators: Sequence[Any] = (),
+        bootstrap_retry_s: float = BOOTSTRAP_RETRY_S,
     ) -> None:
         super().__init__()
         self.run_id, self.listen, self.initial_peers = run_id, listen, list(initial_peers)
@@ -146,6 +145,7 @@ class Discovery(Actor):
         self.run_info = run_info
         self.request_timeout = request_timeout
         self.record_validators = list(record_validators)
+        self.bootstrap_retry_s = bootstrap_retry_s
         self.dht: hivemind.DHT | None = None
         self._record: PeerRecord | None = None
         self._announcer: asyncio.Task[None] | None = None
@@ -168,6 +168,7 @@ class Discovery(Actor):
             client_mode=self.client_mode,
             identity_path=self.identity_path,
             record_validators=self.record_validators,
+            retry_s=self.bootstrap_retry_s,
         )
         logger.info("DHT up in %.1fs", time.perf_counter() - t0)
         self._announcer = asyncio.create_task(self._announce_periodically())

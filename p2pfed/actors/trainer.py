@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,7 +38,9 @@ from p2pfed.config import Config, Profile
 from p2pfed.data import Corpus
 from p2pfed.errors import UserError
 from p2pfed.model import build_model
-from p2pfed.privacy import PeerPrivacy
+
+if TYPE_CHECKING:
+    from p2pfed.privacy import PeerPrivacy
 
 __all__ = ["Trainer"]
 
@@ -85,6 +87,8 @@ class Trainer(Actor):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         self.privacy: PeerPrivacy | None = None
         if self.cfg.privacy.dp:
+            from p2pfed.privacy import PeerPrivacy  # opacus takes a second to import: only private peers pay it
+
             self.privacy = PeerPrivacy(
                 self.cfg.privacy,
                 batch_size=t.batch_size,
