@@ -490,6 +490,8 @@ class Peer:
                     rounds_ok=self.stats["rounds_ok"],
                     rounds_failed=self.stats["rounds_failed"],
                     epsilon=self.trainer.privacy.epsilon() if self.trainer.privacy is not None else None,
+                    waiting_s=round(self.stats["waiting_s"], 4),
+                    samples=grads.samples,
                 )
             )
         if not self.sup.stop_requested.is_set():

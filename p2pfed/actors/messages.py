@@ -224,6 +224,8 @@ class Progress:
     rounds_ok: int
     rounds_failed: int
     epsilon: float | None = None  # privacy.dp: spent so far, at privacy.delta
+    waiting_s: float = 0.0  # so far: time spent waiting for other members to arrive at rounds
+    samples: int = 0  # samples computed in this round
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ the same data for the same steps with the same global batch per step:
 - adaptive: `training.global_batch_size`: each peer's share follows its measured samples/s (p2pfed/batching.py).
 
 Per side: `waiting_fraction` of the fastest peers = their time spent waiting for other members to arrive at rounds
-(the report's `waiting_s`) over their training time (first to last progress line), and `time_to_target_s`, from the
+(the `waiting_s` of their progress lines) over their training time, both from the first to the last progress line
+(the swarm's formation, when peers arrive seconds apart, is start-up, not waiting), and `time_to_target_s`, from the
 swarm's first progress line until every peer has reported an eval loss at or below the target. The ratio is
 adaptive / fixed.
 """
@@ -85,9 +86,9 @@ def _side(name: str, *, slowdowns: Sequence[float], target_loss: float | None, *
     start = min(e[0]["time"] for e in events if e)
     fastest = min(slowdowns)
     fractions = []
-    for i, (peer, evs) in enumerate(zip(report["peers"], events, strict=True)):
-        if slowdowns[i] == fastest and len(evs) > 1:
-            fractions.append(peer["waiting_s"] / max(evs[-1]["time"] - evs[0]["time"], 1e-9))
+    for i, evs in enumerate(events):
+        if slowdowns[i] == fastest and len(evs) > 1:  # from its first progress line on: start-up is not waiting
+            fractions.append((evs[-1]["waiting_s"] - evs[0]["waiting_s"]) / max(evs[-1]["time"] - evs[0]["time"], 1e-9))
     reached = []
     for evs in events:
         hit = [e["time"] for e in evs if target_loss is not None and (e.get("eval_loss") or 1e9) <= target_loss]
