@@ -76,7 +76,6 @@ def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], meta: dic
 def load_latest(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path] | None:
     """The newest checkpoint in `directory` that reads back whole, or None when there is none. One that does not
     (a disk that lost it) is skipped with a warning and the one before it is used."""
-    check_resume_dir(directory)
     for _, path in list_checkpoints(directory):
         try:
             with safe_open(str(path), framework="pt") as f:
