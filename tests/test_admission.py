@@ -140,7 +140,8 @@ def test_a_peer_that_reads_the_dht_but_lacks_the_admission_key_is_refused_by_eve
     ]
     try:
         # Execute
-        controls = [a.step(wait=False, timeout=20, allow_retries=True) for a in averagers]
+        # (the intruder gives up after 6 s: long enough to have asked every group that formed)
+        controls = [a.step(wait=False, timeout=20 if i < 2 else 6, allow_retries=True) for i, a in enumerate(averagers)]
         outcomes = []
         for control in controls:
             try:

@@ -23,9 +23,9 @@ from tests.conftest import CPU_PROFILE, TINY, Launcher, PeerProcess, group_membe
 
 pytestmark = pytest.mark.slow
 
-STEPS = 220
+STEPS = 170  # the third incarnation joined near step 110 here, with room to train with the swarm after
 KILLS = 3
-TRAIN_BEFORE_KILL = 5  # rounds an incarnation of the victim trains with the swarm before it is killed
+TRAIN_BEFORE_KILL = 3  # rounds an incarnation of the victim trains with the swarm before it is killed
 MATCHMAKING_S, TIMEOUT_S = 5.0, 10.0
 DEADLINE_S = MATCHMAKING_S + TIMEOUT_S  # the longest a round may take before it is given up
 

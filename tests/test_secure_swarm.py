@@ -1,6 +1,7 @@
 """privacy.secure_aggregation on real peers: three peers train with masked rounds (8-bit fixed point in the ring
 Z_2^10), the loss falls, the parameters agree, and each round sends b = 10 bits per element to the reducers and the
-8-bit mean back.
+8-bit mean back. The rounds overlap the next inner steps (averaging.overlap) and travel over the direct TCP transport,
+so this is also the DiLoCo test of those two (tests/test_diloco.py covers the blocking rounds over libp2p).
 
 .venv/bin/python -m pytest -q tests/test_secure_swarm.py
 """
@@ -26,6 +27,7 @@ def test_masked_diloco_swarm_trains_and_agrees(launcher: Launcher, tmp_path: Pat
         "swarm", "--peers", str(PEERS), "--config", TINY, "--max-steps", str(STEPS),
         "--set", "averaging.mode=diloco", "--set", f"averaging.inner_steps={INNER}",
         "--set", "compression.name=uint8", "--set", "privacy.secure_aggregation=true",
+        "--set", "averaging.overlap=true", "--set", "averaging.transport=tcp",
         "--run-dir", str(tmp_path / "run"), "--report", str(tmp_path / "report.json"), name="swarm",
     )  # fmt: skip
     assert swarm.wait(timeout=300) == 0, swarm.stdout()[-3000:]
