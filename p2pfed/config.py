@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointConfig",
     "CompressionConfig",
     "Config",
+    "CostConfig",
     "DataConfig",
     "ModelConfig",
     "PrivacyConfig",
@@ -94,7 +95,9 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    batch_size: int = Field(8, ge=1, description="sequences per peer per step")
+    batch_size: int = Field(
+        8, ge=1, description="sequences per peer per step (a torchrun peer shares them among its ranks)"
+    )
     micro_batch_size: int | None = Field(
         None, ge=1, description="sequences per forward/backward; default: the batch, or what fits (p2pfed/batching.py)"
     )
@@ -111,6 +114,7 @@ class TrainingConfig(_Section):
     eval_every: int = Field(10, ge=1, description="steps between eval-loss measurements")
     eval_sequences: int = Field(64, ge=1, description="validation sequences per eval (the same on every peer)")
     max_steps: int | None = Field(None, ge=1, description="global step at which peers stop; --max-steps overrides")
+    bf16_autocast: bool = Field(True, description="on CUDA devices, forward passes under bf16 autocast")
 
 
 class CompressionConfig(_Section):
@@ -258,6 +262,30 @@ class CheckpointConfig(_Section):
     keep: int = Field(2, ge=1, description="newest checkpoints kept; older ones are deleted after each save")
 
 
+class CostConfig(_Section):
+    """Prices for `p2pfed report`'s egress estimate. Defaults: list prices of the first tier of internet egress from
+    a US region, as the providers publish them (2026): AWS EC2 data transfer out to the internet, first 10 TB a
+    month; Google Cloud premium tier internet egress, first TiB a month; Azure internet egress, first 10 TB a
+    month. Check your contract's prices and set them here."""
+
+    egress_usd_per_gb: dict[str, float] = Field(
+        default_factory=lambda: {"aws": 0.09, "gcp": 0.12, "azure": 0.087, "local": 0.0, "onprem": 0.0},
+        description="dollars per GB (10^9 bytes) a cloud bills for bytes its peers send to another cloud, by cloud "
+        "label or the label's part before the first '-'",
+    )
+    default_usd_per_gb: float = Field(0.09, ge=0.0, description="price for a cloud label not in egress_usd_per_gb")
+    intra_cloud_usd_per_gb: float = Field(
+        0.0, ge=0.0, description="price between peers with the same cloud label (e.g. 0.02 across AWS regions)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CostConfig:
+        for cloud, price in self.egress_usd_per_gb.items():
+            if price < 0:
+                raise ValueError(f"cost.egress_usd_per_gb[{cloud!r}] must be >= 0, got {price}")
+        return self
+
+
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -268,6 +296,7 @@ class Config(_Section):
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
 
     @model_validator(mode="after")
     def _check_modes(self) -> Config:

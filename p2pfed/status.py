@@ -10,22 +10,32 @@ from p2pfed.actors.discovery import BOOTSTRAP_RETRY_S, read_peers, runs_key, sta
 from p2pfed.admission import SealedRecords, read_swarm_key
 from p2pfed.errors import UserError
 
-__all__ = ["collect_status", "render_status"]
+__all__ = ["StatusReader", "add_rates", "collect_status", "render_status", "status_table"]
 
 
-def collect_status(
-    initial_peers: list[str], *, run_id: str | None, timeout: float, swarm_key: str | None = None
-) -> list[dict[str, Any]]:
-    validator = SealedRecords(read_swarm_key(swarm_key)) if swarm_key is not None else None
-    dht = start_dht(
-        initial_peers=initial_peers, listen="/ip4/127.0.0.1/tcp/0", client_mode=True, startup_timeout=timeout,
-        record_validators=[validator] if validator is not None else [], retry_s=min(timeout, BOOTSTRAP_RETRY_S),
-    )  # fmt: skip
-    try:
-        # A client that has just joined may not reach the nodes holding the key on its first lookup: retry briefly.
-        deadline = time.monotonic() + min(timeout, 10.0)
+class StatusReader:
+    """A DHT client (no listening socket) that reads the live peers of each run, as often as asked."""
+
+    def __init__(self, initial_peers: list[str], *, timeout: float, swarm_key: str | None = None) -> None:
+        validator = SealedRecords(read_swarm_key(swarm_key)) if swarm_key is not None else None
+        self.timeout = timeout
+        self.dht = start_dht(
+            initial_peers=initial_peers, listen="/ip4/127.0.0.1/tcp/0", client_mode=True, startup_timeout=timeout,
+            record_validators=[validator] if validator is not None else [], retry_s=min(timeout, BOOTSTRAP_RETRY_S),
+        )  # fmt: skip
+
+    def __enter__(self) -> StatusReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.dht.shutdown()
+
+    def read(self, run_id: str | None, *, patience: float = 0.0) -> list[dict[str, Any]]:
+        """[{run_id, info, peers: [peer record, ...]}] of every run (or only `run_id`). A client that has just joined
+        may not reach the nodes holding the key on its first lookup: it retries for up to `patience` seconds."""
+        deadline = time.monotonic() + patience
         while True:
-            found = dht.get(runs_key(), latest=True, return_future=True).result(timeout=timeout)
+            found = self.dht.get(runs_key(), latest=True, return_future=True).result(timeout=self.timeout)
             run_ids = sorted(found.value) if found is not None and isinstance(found.value, dict) else []
             if run_ids or time.monotonic() > deadline:
                 break
@@ -38,37 +48,80 @@ def collect_status(
         runs = []
         for rid in run_ids:
             info = getattr(found.value[rid], "value", {}) if found is not None else {}
-            peers = [dataclasses.asdict(p) for p in read_peers(dht, rid, timeout=timeout)]
-            runs.append({"run_id": rid, "info": info, "peers": peers})
+            peers = [dataclasses.asdict(p) for p in read_peers(self.dht, rid, timeout=self.timeout)]
+            runs.append({"run_id": rid, "info": info, "peers": sorted(peers, key=lambda p: (p["cloud"], p["peer_id"]))})
         return runs
-    finally:
-        dht.shutdown()
 
 
-def render_status(runs: list[dict[str, Any]]) -> None:
-    from rich.console import Console
+def collect_status(
+    initial_peers: list[str], *, run_id: str | None, timeout: float, swarm_key: str | None = None
+) -> list[dict[str, Any]]:
+    with StatusReader(initial_peers, timeout=timeout, swarm_key=swarm_key) as reader:
+        return reader.read(run_id, patience=min(timeout, 10.0))
+
+
+def add_rates(runs: list[dict[str, Any]], before: dict[str, tuple[float, int]], now: float) -> None:
+    """Set each peer's bytes_per_s from its bytes_sent now and at the previous read (`before`, updated in place)."""
+    for run in runs:
+        for p in run["peers"]:
+            key = f"{run['run_id']}/{p['peer_id']}"
+            if key in before and now > before[key][0]:
+                t, sent = before[key]
+                p["bytes_per_s"] = max(0.0, (p.get("bytes_sent", 0) - sent) / (now - t))
+            else:
+                p["bytes_per_s"] = None
+            before[key] = (now, p.get("bytes_sent", 0))
+
+
+def status_table(runs: list[dict[str, Any]]) -> Any:
+    """One rich table of every run's live peers, grouped by cloud."""
+    from rich.console import Group
     from rich.table import Table
 
-    console = Console()
     if not runs:
-        console.print("no live runs found (a swarm with a key shows only with --swarm-key)")
-        return
+        return "no live runs found (a swarm with a key shows only with --swarm-key)"
+    tables = []
     for run in runs:
         table = Table(title=f"run {run['run_id']}", title_justify="left")
         private = any(p.get("epsilon") is not None for p in run["peers"])
-        columns = ("peer", "cloud", "device", "step", "loss", "samples/s", *(["epsilon"] if private else []), "state")
+        rates = any("bytes_per_s" in p for p in run["peers"])
+        columns = ("cloud", "peer", "device", "step", "loss", "samples/s", *(["bytes/s"] if rates else []),
+                   *(["epsilon"] if private else []), "state")  # fmt: skip
         for col in columns:
-            table.add_column(col, justify="right" if col in ("step", "loss", "samples/s", "epsilon") else "left")
+            right = col in ("step", "loss", "samples/s", "bytes/s", "epsilon")
+            table.add_column(col, justify="right" if right else "left")
+        previous_cloud = None
         for p in run["peers"]:
+            if previous_cloud is not None and p["cloud"] != previous_cloud:
+                table.add_section()
+            previous_cloud = p["cloud"]
             loss = f"{p['loss']:.4f}" if p["loss"] is not None else "-"
+            rate = p.get("bytes_per_s")
             table.add_row(
-                p["peer_id"],
                 p["cloud"],
+                p["peer_id"],
                 p["device"],
                 str(p["step"]),
                 loss,
                 f"{p['samples_per_s']:.1f}",
+                *([_human_rate(rate)] if rates else []),
                 *([f"{p['epsilon']:.3f}" if p.get("epsilon") is not None else "-"] if private else []),
-                "finished" if p["finished"] else "training",
+                "finished" if p["finished"] else ("training" if p.get("ready") else "joining"),
             )
-        console.print(table)
+        tables.append(table)
+    return Group(*tables)
+
+
+def _human_rate(rate: float | None) -> str:
+    if rate is None:
+        return "-"
+    for unit, size in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if rate >= size:
+            return f"{rate / size:.1f} {unit}"
+    return f"{rate:.0f} B/s"
+
+
+def render_status(runs: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+
+    Console().print(status_table(runs))

@@ -10,16 +10,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import torch
+import matplotlib
 
-from p2pfed.batching import BatchController, activation_bytes
-from p2pfed.config import Profile, load_config
-from p2pfed.errors import ConfigError
-from tests.conftest import ROOT, TINY, Launcher, wait_no_leftovers
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from p2pfed.batching import BatchController, activation_bytes  # noqa: E402
+from p2pfed.cli import main  # noqa: E402
+from p2pfed.config import Profile, load_config  # noqa: E402
+from p2pfed.errors import ConfigError  # noqa: E402
+from p2pfed.report import PEER_KEYS  # noqa: E402
+from tests.conftest import ROOT, TINY, Launcher, wait_no_leftovers  # noqa: E402
 
 SLOW = str(ROOT / "peers" / "local-cpu-slow3.yaml")
 FAST = str(ROOT / "peers" / "local-cpu.yaml")
+STEPS = 40
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines() if line.startswith("|")]
 
 
 def test_sync_shares_follow_measured_speed_and_add_up_to_the_global_batch() -> None:
@@ -92,29 +104,68 @@ def test_adaptive_sizes_reject_what_they_cannot_serve(overrides: list[str], mess
 
 @pytest.mark.slow
 def test_a_slow_peer_computes_a_third_of_a_fast_peers_share(launcher: Launcher, tmp_path: Path) -> None:
-    # Prepare: three peers, the third emulating hardware three times slower; 48 samples per step for the swarm
+    """Also the end-to-end test of `p2pfed swarm` (profiles in turn, the combined report, bytes booked by cloud) and
+    of `p2pfed report` on the run it recorded."""
+    # Prepare: three peers, the third emulating hardware three times slower and in another cloud; 48 samples per
+    # step for the swarm
     report = tmp_path / "report.json"
+    for name, source, cloud in (("fast", FAST, "aws"), ("slow", SLOW, "gcp")):
+        profile = Path(source).read_text().replace("cloud: local", f"cloud: {cloud}")
+        (tmp_path / f"{name}.yaml").write_text(profile)
+    fast, slow = str(tmp_path / "fast.yaml"), str(tmp_path / "slow.yaml")
 
     # Execute
     swarm = launcher.start(
-        "swarm", "--peers", "3", "--config", TINY, "--profile", FAST, "--profile", FAST, "--profile", SLOW,
-        "--max-steps", "40", "--set", "training.global_batch_size=48", "--run-dir", str(tmp_path / "run"),
+        "swarm", "--peers", "3", "--config", TINY, "--profile", fast, "--profile", fast, "--profile", slow,
+        "--max-steps", str(STEPS), "--set", "training.global_batch_size=48", "--run-dir", str(tmp_path / "run"),
         "--report", str(report), name="swarm",
     )  # fmt: skip
     code = swarm.wait(timeout=300)
 
-    # Assert: shares in proportion to speed (about 3 : 3 : 1 once measured), one global batch per step, agreement
-    assert code == 0, swarm.stderr()[-2000:]
-    peers = json.loads(report.read_text())["peers"]
-    fast, slow = [p for p in peers if p["slowdown"] == 1.0], [p for p in peers if p["slowdown"] == 3.0]
-    assert len(fast) == 2 and len(slow) == 1
-    ratio = slow[0]["samples_per_round"] / (sum(p["samples_per_round"] for p in fast) / 2)
+    # Assert: a complete combined report of peers that agree
+    assert code == 0, swarm.stdout()[-3000:] + swarm.stderr()[-2000:]
+    combined = json.loads(report.read_text())
+    assert set(combined) == {"run_id", "peers", "max_param_divergence"} and combined["run_id"] == "tiny"
+    peers = combined["peers"]
+    assert len(peers) == 3 and "summary" in swarm.stdout()
+    for p in peers:
+        assert set(PEER_KEYS) <= set(p) and p["final_step"] == STEPS
+        assert p["eval_loss"] < p["initial_eval_loss"] - 1.0
+    assert combined["max_param_divergence"] < 1e-4
+
+    # Assert: shares in proportion to speed (about 3 : 3 : 1 once measured), one global batch per step
+    fast_peers, slow_peers = [p for p in peers if p["slowdown"] == 1.0], [p for p in peers if p["slowdown"] == 3.0]
+    assert len(fast_peers) == 2 and len(slow_peers) == 1
+    ratio = slow_peers[0]["samples_per_round"] / (sum(p["samples_per_round"] for p in fast_peers) / 2)
     assert 0.2 < ratio < 0.55, ratio  # a third, measured on a shared two-core machine
-    total = sum(p["samples"] for p in peers) / 40
+    total = sum(p["samples"] for p in peers) / STEPS
     # About one global batch per step: each peer sizes its share from its own view of the published rates, which can
     # be a round stale, so the shares' sum strays a little from 48 (52.8 seen on a loaded two-core machine)
     assert 42 <= total <= 58
+
+    # Assert: bytes are booked to the cloud of the peer they went to (an aws peer sends to the other aws peer too)
+    assert all(set(p["bytes_by_cloud"]) == {"aws", "gcp"} for p in fast_peers)
+    assert set(slow_peers[0]["bytes_by_cloud"]) == {"aws"}
     for p in peers:
-        assert p["eval_loss"] < p["initial_eval_loss"] - 1.0
-    assert json.loads(report.read_text())["max_param_divergence"] < 1e-4
+        assert 0 < sum(p["bytes_by_cloud"].values()) <= p["bytes_sent"]
     assert wait_no_leftovers(launcher) == []
+
+    # Execute: `p2pfed report` on the recorded run
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "run"), "--set", "cost.egress_usd_per_gb={aws: 0.1}"])
+    assert result.exit_code == 0, result.output
+
+    # Assert: three plots that are real PNG images, and a summary whose bytes are the reports' bytes
+    out = tmp_path / "run" / "report"
+    for name in ("eval_loss_vs_time.png", "eval_loss_vs_tokens.png", "bytes_by_cloud_pair.png"):
+        image = plt.imread(out / name)
+        assert image.shape[0] > 200 and image.shape[1] > 300 and float(image.std()) > 0.01, name
+    summary = (out / "summary.md").read_text()
+    rows = {tuple(cells[:2]): cells for cells in _table_rows(summary) if len(cells) == 8}
+    aws_to_gcp = sum(p["bytes_by_cloud"]["gcp"] for p in fast_peers)
+    assert int(rows[("aws", "gcp")][3]) == aws_to_gcp
+    assert float(rows[("aws", "gcp")][5]) == pytest.approx(aws_to_gcp / 1e9 * 0.1, abs=1e-4)
+    assert int(rows[("gcp", "aws")][3]) == slow_peers[0]["bytes_by_cloud"]["aws"]
+    all_bytes = sum(sum(p["bytes_by_cloud"].values()) for p in peers)
+    assert int(rows[("**total**", "")][3].strip("*")) == all_bytes
+    baseline = 2 * 4 * peers[0]["parameters"] // 3 * STEPS * 6  # six ordered pairs of peers, every step
+    assert int(rows[("**total**", "")][6]) == baseline

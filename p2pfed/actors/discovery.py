@@ -132,6 +132,7 @@ class Discovery(Actor):
         client_mode: bool,
         identity_path: str | None,
         record_ttl: float,
+        announce_maddrs: Sequence[str] = (),
         announce_every: float,
         run_info: dict[str, Any],
         request_timeout: float = 10.0,
@@ -141,6 +142,7 @@ class Discovery(Actor):
         super().__init__()
         self.run_id, self.listen, self.initial_peers = run_id, listen, list(initial_peers)
         self.client_mode, self.identity_path = client_mode, identity_path
+        self.announce_maddrs = list(announce_maddrs)
         self.record_ttl, self.announce_every = record_ttl, announce_every
         self.run_info = run_info
         self.request_timeout = request_timeout
@@ -167,6 +169,7 @@ class Discovery(Actor):
             listen=self.listen,
             client_mode=self.client_mode,
             identity_path=self.identity_path,
+            announce_maddrs=self.announce_maddrs,
             record_validators=self.record_validators,
             retry_s=self.bootstrap_retry_s,
         )

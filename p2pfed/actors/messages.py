@@ -53,6 +53,7 @@ class PeerRecord:
     epsilon: float | None = None  # privacy.dp: spent so far (at the run's privacy.delta)
     announced_at: float = 0.0  # DHT time of the announcement this record came from
     joining: bool = False  # about to download the swarm's state: sync rounds hold their group open for it
+    bytes_sent: int = 0  # averaging bytes sent so far (status --watch turns it into bytes/s)
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,11 @@ class Progress:
     epsilon: float | None = None  # privacy.dp: spent so far, at privacy.delta
     waiting_s: float = 0.0  # so far: time spent waiting for other members to arrive at rounds
     samples: int = 0  # samples computed in this round
+    samples_total: int = 0  # running totals from here on: what the peer has trained on and sent
+    tokens: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_by_cloud: dict[str, int] = field(default_factory=dict)  # remote cloud label -> bytes sent there
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2pfed.actors.base import Actor
 from p2pfed.actors.messages import Event, Progress
+
+if TYPE_CHECKING:
+    from p2pfed.metrics import PeerMetrics
 
 __all__ = ["Monitor", "Sink"]
 
@@ -24,6 +27,7 @@ class Monitor(Actor):
         super().__init__()
         self.sink = sink
         self.last_progress: Progress | None = None
+        self.metrics: PeerMetrics | None = None  # set when the peer serves Prometheus metrics
 
     def _emit(self, kind: str, data: dict[str, Any]) -> None:
         if self.sink is None:
@@ -35,6 +39,11 @@ class Monitor(Actor):
 
     async def on_Progress(self, msg: Progress) -> None:
         self.last_progress = msg
+        if self.metrics is not None:
+            try:
+                self.metrics.update(msg.__dict__)
+            except Exception:  # metrics must never stop training
+                logger.exception("metrics update failed")
         self._emit("progress", msg.__dict__ | {})
 
     async def on_Event(self, msg: Event) -> None:
