@@ -96,6 +96,12 @@ def _human_sink(every_s: float = 2.0) -> Callable[[str, dict[str, Any]], None]:
     return sink
 
 
+def _with_suffix(path: str, suffix: str) -> str:
+    """peer.safetensors -> peer.rank1.safetensors"""
+    p = Path(path)
+    return str(p.with_name(p.stem + suffix + p.suffix))
+
+
 def _jsonl_sink(kind: str, data: dict[str, Any]) -> None:
     if kind == "bootstrap":
         click.echo(data["text"])
@@ -115,6 +121,19 @@ def _jsonl_sink(kind: str, data: dict[str, Any]) -> None:
 @click.option("--save-params", type=click.Path(dir_okay=False), help="write final parameters (safetensors) here")
 @click.option("--events", type=click.Choice(["human", "jsonl"]), default="human", help="progress format on stdout")
 @click.option("--resume", type=click.Path(file_okay=False), help="continue from the newest checkpoint in DIR")
+@click.option(
+    "--announce",
+    multiple=True,
+    metavar="MADDR",
+    help="address other peers should dial, e.g. this site's public IP behind NAT (repeatable)",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    help="serve Prometheus metrics on this port (0: any free port; the peer prints the address)",
+)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="address the metrics endpoint binds")
 @click.option("--dump-grads", type=click.Path(file_okay=False), hidden=True, help="test aid: save round gradients")
 @click.option("--perturb-at", type=int, hidden=True, help="test aid: corrupt parameters after this step")
 @click.option("--fault-update", type=click.Choice(["nan", "inf", "huge", "mixed"]), hidden=True,
@@ -133,6 +152,9 @@ def peer(
     save_params: str | None,
     events: str,
     resume: str | None,
+    announce: tuple[str, ...],
+    metrics_port: int | None,
+    metrics_host: str,
     dump_grads: str | None,
     perturb_at: int | None,
     fault_update: str | None,
@@ -146,6 +168,11 @@ def peer(
     cfg = load_config(config_path, overrides)
     profile = load_profile(profile_path)
     check_initial_peers(initial_peers)  # before the slow imports: a typo costs a second, not ten
+    for maddr in announce:
+        if not maddr.startswith("/") or maddr.rstrip("/").endswith("/tcp/0") or "/tcp/" not in maddr:
+            raise UserError(
+                f"--announce {maddr!r} is not a multiaddr with an explicit TCP port, e.g. /ip4/IP/tcp/31337"
+            )
     if resume is not None:
         from pathlib import Path
 
@@ -157,9 +184,22 @@ def peer(
 
     from p2pfed.log import PeerContext, setup_logging
     from p2pfed.peer import Peer, PeerOptions
+    from p2pfed.ranks import RankGroup, run_follower
 
+    ranks = RankGroup.from_env(profile.device)  # torchrun: this process is one rank of a peer
+    if ranks is not None and cfg.privacy.dp:
+        raise UserError("privacy.dp does not work with a torchrun peer yet (each rank's noise would be averaged away)")
     ctx = PeerContext()
     setup_logging(ctx, verbose=verbose)
+    if ranks is not None and not ranks.leader:
+        import signal
+
+        ctx.peer = f"rank{ranks.rank}"
+        for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 stops the ranks once it has finished its step
+            signal.signal(sig, signal.SIG_IGN)
+        suffix = f".rank{ranks.rank}"
+        run_follower(cfg, profile, ranks, save_params=_with_suffix(save_params, suffix) if save_params else None)
+        return
     options = PeerOptions(
         initial_peers=list(initial_peers),
         identity_path=identity_path,
@@ -170,6 +210,10 @@ def peer(
         perturb_at=perturb_at,
         fault_update=fault_update,
         resume=resume,
+        announce=list(announce),
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        ranks=ranks,
         sink=_jsonl_sink if events == "jsonl" else _human_sink(),
         context=ctx,
     )
@@ -231,35 +275,102 @@ def keygen(out_path: str, identity_path: str | None) -> None:
     write_swarm_key(out_path)
     click.echo(f"swarm key written to {out_path} (mode 0600): give it to every peer, set privacy.swarm_key")
     if identity_path is not None:
-        from hivemind.p2p import P2P
+        from hivemind.p2p import P2P, PeerID
 
         P2P.generate_identity(identity_path)
         Path(identity_path).chmod(0o600)
-        click.echo(f"peer identity written to {identity_path}")
+        peer_id = PeerID.from_identity(Path(identity_path).read_bytes()).to_base58()
+        click.echo(f"peer identity written to {identity_path}; its peer id: {peer_id}")
 
 
 @main.command()
 @click.option("--initial-peers", multiple=True, required=True, metavar="MADDR", help="any live peer of the swarm")
 @click.option("--run", "run_id", help="only this run (default: every run found)")
-@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table (with --watch: one line per read)")
+@click.option("--watch", is_flag=True, help="keep reading: a live table (bytes/s from successive reads)")
+@click.option(
+    "--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True, help="--watch: seconds between reads"
+)
+@click.option("--count", type=click.IntRange(min=1), default=None, help="--watch: stop after this many reads")
 @click.option("--timeout", type=click.FloatRange(min=1), default=15.0, show_default=True, help="seconds for DHT reads")
 @click.option("--swarm-key", "swarm_key", type=click.Path(dir_okay=False), default=None,
               help="the swarm's key file, to read a swarm that has one")  # fmt: skip
 @user_errors
 def status(
-    initial_peers: tuple[str, ...], run_id: str | None, as_json: bool, timeout: float, swarm_key: str | None
+    initial_peers: tuple[str, ...],
+    run_id: str | None,
+    as_json: bool,
+    watch: bool,
+    interval: float,
+    count: int | None,
+    timeout: float,
+    swarm_key: str | None,
 ) -> None:
-    """List the live peers of the swarm reachable through --initial-peers."""
+    """List the live peers of the swarm reachable through --initial-peers: cloud, step, loss, samples/s, epsilon."""
     from p2pfed.config import check_initial_peers
 
     check_initial_peers(initial_peers)
-    from p2pfed.status import collect_status, render_status
+    from p2pfed.status import StatusReader, add_rates, render_status, status_table
 
-    runs = collect_status(list(initial_peers), run_id=run_id, timeout=timeout, swarm_key=swarm_key)
-    if as_json:
-        click.echo(json.dumps(runs, indent=2))
-    else:
-        render_status(runs)
+    with StatusReader(list(initial_peers), timeout=timeout, swarm_key=swarm_key) as reader:
+        if not watch:
+            runs = reader.read(run_id, patience=min(timeout, 10.0))
+            click.echo(json.dumps(runs, indent=2)) if as_json else render_status(runs)
+            return
+        from rich.live import Live
+
+        before: dict[str, tuple[float, int]] = {}
+
+        def read(first: bool) -> list[dict[str, Any]]:
+            runs = reader.read(run_id, patience=min(timeout, 10.0) if first else 0.0)
+            add_rates(runs, before, time.monotonic())
+            return runs
+
+        reads = 0
+        if as_json:
+            while count is None or reads < count:
+                if reads:
+                    time.sleep(interval)
+                click.echo(json.dumps({"time": round(time.time(), 3), "runs": read(reads == 0)}))
+                sys.stdout.flush()
+                reads += 1
+            return
+        with Live(status_table(read(True)), auto_refresh=False) as live:
+            reads = 1
+            while count is None or reads < count:
+                time.sleep(interval)
+                live.update(status_table(read(False)), refresh=True)
+                reads += 1
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="where to write the plots and summary.md (default: RUN_DIR/report)",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="run config whose `cost` prices to use (default: the built-in prices)",
+)
+@_set_option
+@user_errors
+def report(run_dir: str, out_dir: str | None, config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Plots (eval loss vs time and tokens, bytes per round by cloud pair) and a markdown summary with the run's
+    egress cost per cloud pair, next to what sync fp32 averaging would have cost."""
+    from p2pfed.config import load_config
+    from p2pfed.run_report import write_run_report
+
+    cfg = load_config(config_path, overrides)
+    written = write_run_report(Path(run_dir), out=Path(out_dir) if out_dir else None, cost=cfg.cost)
+    for path in written:
+        click.echo(str(path))
 
 
 @main.group()

@@ -54,13 +54,14 @@ from p2pfed.actors.monitor import Monitor, Sink
 from p2pfed.actors.trainer import Trainer
 from p2pfed.admission import Admission
 from p2pfed.batching import BatchController
-from p2pfed.checkpoint import load_latest, save_checkpoint
+from p2pfed.checkpoint import check_resume_dir, load_latest, save_checkpoint
 from p2pfed.config import Config, Profile
 from p2pfed.data import load_corpus
 from p2pfed.errors import ActorDeadError, UserError
 from p2pfed.gossip import GossipRounds
 from p2pfed.log import PeerContext
 from p2pfed.overlap import OverlappedRounds
+from p2pfed.ranks import STOP, RankGroup
 from p2pfed.report import dump_round
 
 __all__ = ["Peer", "PeerOptions"]
@@ -83,6 +84,10 @@ class PeerOptions:
     perturb_at: int | None = None  # test aid: corrupt this peer's parameters after it commits this step
     fault_update: str | None = None  # test aid: send NaN / inf / 1e30 updates ("mixed": each in turn)
     resume: str | None = None  # a checkpoint directory to continue from
+    announce: list[str] = field(default_factory=list)  # multiaddrs other peers should dial (public address, NAT)
+    metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free one)
+    metrics_host: str = "127.0.0.1"
+    ranks: RankGroup | None = None  # torchrun: this process is rank 0 of a peer that spans several processes
     sink: Sink | None = None
     context: PeerContext = field(default_factory=PeerContext)
 
@@ -154,6 +159,7 @@ class Peer:
             epsilon=self.trainer.privacy.epsilon()
             if hasattr(self, "trainer") and self.trainer.privacy is not None
             else None,
+            bytes_sent=self.averager.bytes_sent if hasattr(self, "averager") else 0,
         )
 
     async def _swarm_size(self) -> tuple[int, int]:
@@ -233,6 +239,7 @@ class Peer:
             initial_peers=self.opt.initial_peers,
             client_mode=self.profile.client_mode,
             identity_path=self.opt.identity_path,
+            announce_maddrs=self.opt.announce,
             record_ttl=cfg.swarm.record_ttl,
             announce_every=cfg.swarm.announce_every,
             run_info={"min_peers": cfg.swarm.min_peers, "mode": cfg.averaging.mode},
@@ -249,6 +256,8 @@ class Peer:
             self.monitor.tell(
                 Event("bootstrap", f"bootstrap: {maddrs[0]}", {"maddrs": maddrs, "peer_id": self.peer_id})
             )
+            if self.opt.metrics_port is not None:
+                self._serve_metrics(self.opt.metrics_port, self.opt.metrics_host)
 
             corpus = await asyncio.to_thread(load_corpus, cfg.data, cfg.model, seed=cfg.run.seed)
             count = cfg.data.num_partitions or cfg.swarm.min_peers
@@ -258,6 +267,10 @@ class Peer:
             d = cfg.data
             rows = corpus.partition_rows(index=index, count=count, partitioner=d.partitioner, alpha=d.dirichlet_alpha)
             shard = corpus.train[rows]
+            ranks = self.opt.ranks
+            if ranks is not None:  # torchrun: the other ranks build the same shard and take their slices of it
+                ranks.lead("init", [index, count])
+                shard = shard[ranks.rank :: ranks.world]
             self.data_info = {
                 "digest": corpus.digest,
                 "partitioner": d.partitioner,
@@ -267,6 +280,7 @@ class Peer:
                 **corpus.shard_stats(rows),
             }
             self.trainer = Trainer(cfg, self.profile, corpus, shard, shard_index=index)
+            self.trainer.ranks = ranks
             await self.sup.start_one(self.trainer)
             if self.opt.resume is not None:
                 await self._resume(Path(self.opt.resume))
@@ -289,7 +303,22 @@ class Peer:
             report = await self._train(t_start)
         finally:
             await self.sup.stop()
+            if self.opt.ranks is not None:
+                self.opt.ranks.lead(STOP)
+                self.opt.ranks.close()
         return report
+
+    def _serve_metrics(self, port: int, host: str) -> None:
+        from p2pfed.metrics import PeerMetrics
+
+        metrics = PeerMetrics(peer_id=self.peer_id, cloud=self.profile.cloud, run_id=self.cfg.run.id)
+        try:
+            port = metrics.serve(port=port, host=host)
+        except OSError as e:
+            raise UserError(f"--metrics-port {port}: cannot listen on {host}:{port} ({e.strerror or e})") from None
+        self.monitor.metrics = metrics
+        url = f"http://{host}:{port}/metrics"
+        self.monitor.tell(Event("metrics", f"metrics: {url}", {"url": url, "port": port}))
 
     async def _wait_for_swarm(self) -> bool:
         need, deadline = self.cfg.swarm.min_peers, time.monotonic() + self.cfg.swarm.join_timeout
@@ -492,6 +521,11 @@ class Peer:
                     epsilon=self.trainer.privacy.epsilon() if self.trainer.privacy is not None else None,
                     waiting_s=round(self.stats["waiting_s"], 4),
                     samples=grads.samples,
+                    samples_total=self.trainer.samples_seen,
+                    tokens=self.trainer.samples_seen * cfg.model.seq_len,
+                    bytes_sent=self.averager.bytes_sent,
+                    bytes_received=self.averager.bytes_received,
+                    bytes_by_cloud=dict(self.stats["bytes_by_cloud"]),
                 )
             )
         if not self.sup.stop_requested.is_set():
@@ -524,6 +558,7 @@ class Peer:
         return Path(directory) if directory else None
 
     async def _resume(self, directory: Path) -> None:
+        check_resume_dir(directory)
         found = await asyncio.to_thread(load_latest, directory)
         if found is None:
             raise UserError(f"--resume {str(directory)!r} holds no checkpoint (ckpt-*.safetensors)")

@@ -72,12 +72,14 @@ def _default_sigint() -> None:
 class PeerProcess:
     """One `p2pfed ...` process in its own session, stdout/stderr captured to files."""
 
-    def __init__(self, args: list[str], workdir: Path, name: str) -> None:
+    def __init__(
+        self, args: list[str], workdir: Path, name: str, *, launch: tuple[str, ...] = ("-m", "p2pfed")
+    ) -> None:
         self.name = name
         self.out_path, self.err_path = workdir / f"{name}.out", workdir / f"{name}.err"
         self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "p2pfed", *args],
+            [sys.executable, *launch, *args],
             stdout=self._out,
             stderr=self._err,
             stdin=subprocess.DEVNULL,
@@ -150,8 +152,9 @@ class Launcher:
         self.procs: list[PeerProcess] = []
         self.groups: set[int] = set()
 
-    def start(self, *args: str, name: str | None = None) -> PeerProcess:
-        proc = PeerProcess(list(args), self.workdir, name or f"proc{len(self.procs)}")
+    def start(self, *args: str, name: str | None = None, launch: tuple[str, ...] = ("-m", "p2pfed")) -> PeerProcess:
+        """`python -m p2pfed ARGS` (or `python LAUNCH ARGS`) in its own session."""
+        proc = PeerProcess(list(args), self.workdir, name or f"proc{len(self.procs)}", launch=launch)
         self.procs.append(proc)
         return proc
 

@@ -11,6 +11,7 @@ import asyncio
 import math
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ from p2pfed.config import Config, Profile
 from p2pfed.data import Corpus
 from p2pfed.errors import UserError
 from p2pfed.model import build_model
+from p2pfed.ranks import RankGroup, share_of
 
 if TYPE_CHECKING:
     from p2pfed.privacy import PeerPrivacy
@@ -64,6 +66,8 @@ class Trainer(Actor):
         self._cursor = 0
         self._epoch = 0
         self._order = self._shuffle(0)
+        self.ranks: RankGroup | None = None  # torchrun: the processes of this peer (p2pfed/ranks.py)
+        self._batch_samples = 0
 
     # --- setup ---------------------------------------------------------------------------------------------------
 
@@ -71,6 +75,8 @@ class Trainer(Actor):
         await self._run(self._build)
 
     def _build(self) -> None:
+        if self.ranks is not None:
+            self.device = self.ranks.device
         if self.profile.threads is not None:
             torch.set_num_threads(self.profile.threads)
         self.model = build_model(self.cfg.model, vocab_size=self.corpus.vocab_size, seed=self.cfg.run.seed)
@@ -160,14 +166,57 @@ class Trainer(Actor):
         for chunk in chunks:
             ids = chunk.to(self.device)
             if self.privacy is None:
-                loss = self.model(input_ids=ids, labels=ids).loss
+                with self._autocast():
+                    loss = self.model(input_ids=ids, labels=ids).loss
                 (loss * (len(chunk) / len(batch))).backward()
                 total_loss += loss.item() * len(chunk)
             else:  # per-example clipping needs each pass's own mean loss
                 total_loss += self.privacy.backward(self.model, ids) * len(chunk)
         if self.privacy is not None:
             self.privacy.privatize(len(chunks))
+        self._batch_samples = len(batch)
+        if self.ranks is not None:  # the mean over every rank's samples, identical on every rank
+            self._batch_samples, mean = self.ranks.average_grads(self.params, len(batch), total_loss / len(batch))
+            return mean
         return total_loss / len(batch)
+
+    def _autocast(self) -> Any:
+        """bf16 autocast on CUDA (training.bf16_autocast); full precision elsewhere."""
+        enabled = self.device.type == "cuda" and self.cfg.training.bf16_autocast
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _share(self, batch_size: int) -> int:
+        """This rank's part of a batch of the peer's (the whole batch outside torchrun)."""
+        return batch_size if self.ranks is None else max(1, share_of(batch_size, self.ranks.rank, self.ranks.world))
+
+    def _lead(self, op: str, args: Sequence[Any] = (), tensors: Sequence[torch.Tensor | None] = ()) -> None:
+        """torchrun, rank 0: have the other ranks run the same operation (p2pfed/ranks.py)."""
+        if self.ranks is not None and self.ranks.leader:
+            self.ranks.lead(op, args, tensors)
+
+    def follow(self, op: str, args: list[Any], tensors: list[torch.Tensor | None]) -> None:
+        """torchrun, ranks 1..N-1: run the operation rank 0 leads, with its tensors."""
+        if op == "compute":
+            self._compute(*args)
+        elif op == "inner_steps":
+            self._inner_steps(*args)
+        elif op == "apply":
+            self.flat_grad.copy_(tensors[0])  # type: ignore[arg-type]
+            self._apply(*args)
+        elif op == "apply_outer":
+            self._apply_outer(args[0], args[1], tensors[0], tensors[1], args[2])
+        elif op == "set_params":
+            self._set_params(args[0], args[1], tensors[0])
+        elif op == "discard_inner":
+            self._discard_inner()
+        elif op == "load_state":
+            self._load_state(args[0], [t for t in tensors if t is not None])
+        elif op == "restore":
+            self._restore(dict(zip(args[1], tensors, strict=True)), args[0])  # type: ignore[arg-type]
+        elif op == "perturb":
+            self._perturb()
+        else:
+            raise ValueError(f"rank 0 led an unknown operation {op!r}")
 
     def _slow_down(self, t0: float) -> float:
         """Emulate slower hardware honestly: sleep in proportion to the real compute time; returns the total."""
@@ -185,8 +234,9 @@ class Trainer(Actor):
             p.grad = None
 
     def _compute(self, batch_size: int) -> GradientsReady:
+        self._lead("compute", [batch_size])
         t0 = time.perf_counter()
-        batch = self._next_batch(batch_size)
+        batch = self._next_batch(self._share(batch_size))
         with self._lock:
             loss = self._forward_backward(batch)
             offset = 0
@@ -197,7 +247,9 @@ class Trainer(Actor):
                 else:
                     self.flat_grad[offset : offset + n].copy_(p.grad.reshape(-1))
                 offset += n
-        return GradientsReady(flat_grad=self.flat_grad, samples=len(batch), loss=loss, compute_s=self._slow_down(t0))
+        return GradientsReady(
+            flat_grad=self.flat_grad, samples=self._batch_samples, loss=loss, compute_s=self._slow_down(t0)
+        )
 
     # --- DiLoCo: H local AdamW steps, then the pseudo-gradient (the phase's change, negated) is averaged --------
 
@@ -207,13 +259,14 @@ class Trainer(Actor):
     def _inner_steps(self, steps: int, first_step: int) -> GradientsReady:
         """`steps` local steps; flat_grad becomes origin - theta, the pseudo-gradient of this phase. Without
         overlap the phase starts at theta_start; with overlap it also carries the previous, not yet averaged one."""
+        self._lead("inner_steps", [steps, first_step])
         t0 = time.perf_counter()
         t = self.cfg.training
         losses = []
         with self._lock:
             origin = [p.detach().clone() for p in self.params]
             for i in range(steps):
-                losses.append(self._forward_backward(self._next_batch(t.batch_size)))
+                losses.append(self._forward_backward(self._next_batch(self._share(t.batch_size))))
                 if t.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
                 self._set_lr(first_step + i)
@@ -240,6 +293,7 @@ class Trainer(Actor):
     ) -> None:
         """Outer Nesterov step of theta_start along `averaged` (None: a failed round, theta_start stays), then
         theta = theta_start - carry: the local phase whose average is still under way (overlap), or nothing."""
+        self._lead("apply_outer", [step, steps, samples], [averaged, carry])
         with self._lock, torch.no_grad():
             if averaged is not None:
                 offset = 0
@@ -273,6 +327,7 @@ class Trainer(Actor):
         await self._run(self._set_params, msg.step, msg.steps, msg.flat)
 
     def _set_params(self, step: int, steps: int, flat: torch.Tensor | None) -> None:
+        self._lead("set_params", [step, steps], [flat])
         with self._lock, torch.no_grad():
             if flat is not None:
                 offset = 0
@@ -289,6 +344,7 @@ class Trainer(Actor):
 
     def _discard_inner(self) -> None:
         """A failed outer round: drop the local progress, back to the point every peer shares."""
+        self._lead("discard_inner")
         with self._lock, torch.no_grad():
             for p, start in zip(self.params, self.theta_start, strict=True):
                 p.copy_(start)
@@ -303,6 +359,7 @@ class Trainer(Actor):
         await self._run(self._apply, msg.step, msg.samples or self.cfg.training.batch_size)
 
     def _apply(self, step: int, samples: int) -> None:
+        self._lead("apply", [step, samples], [self.flat_grad])
         t = self.cfg.training
         with self._lock:
             offset = 0
@@ -339,6 +396,7 @@ class Trainer(Actor):
         await self._run(self._perturb)
 
     def _perturb(self) -> None:
+        self._lead("perturb")
         with self._lock, torch.no_grad():
             for p in self.params:
                 p.add_(torch.randn_like(p) * 1e-2)
@@ -373,6 +431,7 @@ class Trainer(Actor):
         await self._run(self._load_state, msg.metadata, msg.tensors)
 
     def _load_state(self, metadata: dict[str, Any], tensors: list[torch.Tensor]) -> None:
+        self._lead("load_state", [metadata], tensors)
         ours = self._state_tensors()
         if metadata.get("numel") != self.numel or len(tensors) != len(ours):
             raise ValueError(
@@ -430,6 +489,7 @@ class Trainer(Actor):
         await self._run(self._restore, msg.tensors, msg.meta)
 
     def _restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self._lead("restore", [meta, list(tensors)], list(tensors.values()))
         expected = {f"model/{name}" for name, _ in self._named()}
         missing = sorted(expected - set(tensors))
         if meta.get("numel") != self.numel or missing:
