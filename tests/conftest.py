@@ -73,13 +73,19 @@ class PeerProcess:
     """One `p2pfed ...` process in its own session, stdout/stderr captured to files."""
 
     def __init__(
-        self, args: list[str], workdir: Path, name: str, *, launch: tuple[str, ...] = ("-m", "p2pfed")
+        self,
+        args: list[str],
+        workdir: Path,
+        name: str,
+        *,
+        launch: tuple[str, ...] = ("-m", "p2pfed"),
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.out_path, self.err_path = workdir / f"{name}.out", workdir / f"{name}.err"
         self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, *launch, *args],
+            [*prefix, sys.executable, *launch, *args],
             stdout=self._out,
             stderr=self._err,
             stdin=subprocess.DEVNULL,
@@ -152,9 +158,15 @@ class Launcher:
         self.procs: list[PeerProcess] = []
         self.groups: set[int] = set()
 
-    def start(self, *args: str, name: str | None = None, launch: tuple[str, ...] = ("-m", "p2pfed")) -> PeerProcess:
-        """`python -m p2pfed ARGS` (or `python LAUNCH ARGS`) in its own session."""
-        proc = PeerProcess(list(args), self.workdir, name or f"proc{len(self.procs)}", launch=launch)
+    def start(
+        self,
+        *args: str,
+        name: str | None = None,
+        launch: tuple[str, ...] = ("-m", "p2pfed"),
+        prefix: tuple[str, ...] = (),
+    ) -> PeerProcess:
+        """`PREFIX python -m p2pfed ARGS` (or `python LAUNCH ARGS`) in its own session; PREFIX: `ip netns exec NS`."""
+        proc = PeerProcess(list(args), self.workdir, name or f"proc{len(self.procs)}", launch=launch, prefix=prefix)
         self.procs.append(proc)
         return proc
 

@@ -148,6 +148,32 @@ class WanNet:
             if subprocess.run(cmd, timeout=CMD_TIMEOUT).returncode:
                 raise UserError(f"namespace {ns} cannot reach {self.address(0)} across the bridge")
 
+    def block_inbound(self, i: int) -> None:
+        """Peer i's namespace gets no TCP connection attempt (a SYN without ACK) from anyone, as behind a NAT or a
+        firewall without port forwarding: it can dial out, nobody can dial it. Its download link (the hub's side of
+        its veth) becomes an htb whose default class keeps the rate; SYNs go to a class whose queue holds nothing.
+        (The match reads the TCP flags at byte 33: a 20-byte IP header, which the IHL match makes sure of.)"""
+        hub, dev, rate = self.hub, f"h{i}", f"{self.rate_mbit:g}mbit"
+        _sh(f"tc -n {hub} qdisc del dev {dev} root")
+        _sh(f"tc -n {hub} qdisc add dev {dev} root handle 1: htb default 20 r2q 100000")
+        _sh(f"tc -n {hub} class add dev {dev} parent 1: classid 1:10 htb rate 1mbit quantum 1514")
+        _sh(f"tc -n {hub} class add dev {dev} parent 1: classid 1:20 htb rate {rate}")
+        _sh(f"tc -n {hub} qdisc add dev {dev} parent 1:10 handle 10: pfifo limit 0")
+        _sh(
+            f"tc -n {hub} filter add dev {dev} parent 1: protocol ip prio 1 u32 "
+            "match ip protocol 6 0xff match u8 0x05 0x0f at 0 match u8 0x02 0x12 at 33 flowid 1:10"
+        )
+
+    def dial(self, src: int, dst: int, port: int = 9, timeout: float = 2.0) -> str:
+        """'refused', 'connected' or 'timeout': what a TCP connect from peer src to peer dst's port gets."""
+        probe = (
+            "import socket,sys;s=socket.socket();s.settimeout(float(sys.argv[3]))\n"
+            "print(s.connect_ex((sys.argv[1],int(sys.argv[2]))))"
+        )
+        cmd = ["ip", "netns", "exec", self.names[src], sys.executable, "-c", probe, self.address(dst), str(port)]
+        out = subprocess.run([*cmd, str(timeout)], capture_output=True, text=True, timeout=CMD_TIMEOUT).stdout.strip()
+        return {"0": "connected", "111": "refused"}.get(out, "timeout")
+
     def probe_mbit(self, seconds: float = 2.0) -> float | None:
         """Raw TCP goodput from peer 1 to peer 0, Mbit/s: one bulk send of `seconds` worth of bytes at the link rate."""
         server = (
