@@ -456,15 +456,24 @@ def bench_wan(
     sys.exit(130 if res["interrupted"] else int(bool(failed)))
 
 
+_run_dir_option = click.option(
+    "--run-dir", type=click.Path(file_okay=False), help="logs and reports (default: a temp dir)"
+)
+_swarm_timeout_option = click.option(
+    "--timeout", type=click.FloatRange(min=1), default=1200.0, show_default=True, help="per swarm"
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+
+
 @bench.command("comm")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default="configs/tiny-lowcomm.yaml",
               show_default=True, help="our side's run; the baseline is the same with sync fp32 averaging")  # fmt: skip
 @_set_option
 @click.option("--peers", "n_peers", type=click.IntRange(min=2, max=16), default=3, show_default=True)
 @click.option("--max-steps", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--run-dir", type=click.Path(file_okay=False), help="logs and reports (default: a temp dir)")
-@click.option("--timeout", type=click.FloatRange(min=1), default=1200.0, show_default=True, help="per swarm")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@_run_dir_option
+@_swarm_timeout_option
+@_json_option
 @user_errors
 def bench_comm(
     config_path: str,
@@ -502,9 +511,9 @@ def bench_comm(
               help="samples per step for the whole swarm, on both sides")  # fmt: skip
 @click.option("--max-steps", type=click.IntRange(min=1), default=150, show_default=True)
 @click.option("--target-loss", type=float, default=None, help="also time each side until every peer reaches it")
-@click.option("--run-dir", type=click.Path(file_okay=False), help="logs and reports (default: a temp dir)")
-@click.option("--timeout", type=click.FloatRange(min=1), default=1200.0, show_default=True, help="per swarm")
-@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@_run_dir_option
+@_swarm_timeout_option
+@_json_option
 @user_errors
 def bench_hetero(
     config_path: str,

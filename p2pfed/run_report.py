@@ -198,9 +198,9 @@ def _plot(peers: Sequence[PeerRun], out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = ["-", "--", ":", "-."]  # pairs that send the same bytes draw over each other: tell them apart
     for i, ((src, dest), steps) in enumerate(sorted(per_round.items())):
-        xs = sorted(steps)
+        rounds = sorted(steps)
         style = styles[i % len(styles)]
-        ax.plot(xs, [steps[x] / 1e6 for x in xs], marker=".", linestyle=style, label=f"{src} -> {dest}")
+        ax.plot(rounds, [steps[r] / 1e6 for r in rounds], marker=".", linestyle=style, label=f"{src} -> {dest}")
     ax.set_xlabel("step")
     ax.set_ylabel("MB sent in the round ending at this step")
     ax.grid(alpha=0.3)

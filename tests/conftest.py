@@ -6,6 +6,7 @@ its DHT, averager and p2pd children; tests then assert that nothing of theirs is
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hivemind.p2p import P2P
@@ -227,3 +229,16 @@ async def butterfly_members(n: int, *, chunk_timeout: float) -> AsyncIterator[li
     finally:
         for p2p in p2ps:
             await p2p.shutdown()
+
+
+async def allreduce_all(
+    members: list[Butterfly], key: bytes, vectors: list[Any], *, weights: list[float] | None = None, **kwargs: Any
+) -> list[Any]:
+    """Every member's Butterfly.allreduce of its own vector in one round (equal shares; weight 1 unless given)."""
+    peers = [m.p2p.peer_id for m in members]
+    weights = weights or [1.0] * len(members)
+    calls = [
+        m.allreduce(key, peers, i, v, weight=w, shares=[1] * len(members), round=1, timeout=30, **kwargs)
+        for i, (m, v, w) in enumerate(zip(members, vectors, weights, strict=True))
+    ]
+    return list(await asyncio.gather(*calls))

@@ -20,7 +20,7 @@ from p2pfed.config import load_config
 from p2pfed.errors import ConfigError
 from p2pfed.pieces import ButterflyStats, Slice
 from p2pfed.robust import CenteredClip, Guard, TrimmedMean
-from tests.conftest import TINY, butterfly_members
+from tests.conftest import TINY, allreduce_all, butterfly_members
 
 
 def _copies(n: int, size: int, seed: int = 0) -> list[torch.Tensor]:
@@ -130,25 +130,9 @@ def test_a_member_sending_garbage_leaves_everyone_the_mean_of_the_honest(codec: 
         vectors[2][::1000] = {"nan": math.nan, "inf": math.inf, "huge": 1e30}[bad]
         weights = [1.0, 3.0, 2.0]
         async with butterfly_members(3, chunk_timeout=5.0) as members:
-            peers = [m.p2p.peer_id for m in members]
-
             # Execute
-            outs = await asyncio.gather(
-                *[
-                    m.allreduce(
-                        b"robust",
-                        peers,
-                        i,
-                        v,
-                        weight=w,
-                        shares=[1, 1, 1],
-                        codec=codec,
-                        round=1,
-                        timeout=30,
-                        guard=Guard(max_norm=1e4),
-                    )  # fmt: skip
-                    for i, (m, v, w) in enumerate(zip(members, vectors, weights, strict=True))
-                ]
+            outs = await allreduce_all(
+                members, b"robust", vectors, weights=weights, codec=codec, guard=Guard(max_norm=1e4)
             )
 
         # Assert: every member, the faulty one included, holds the honest pair's weighted mean, and it is finite
@@ -169,25 +153,7 @@ def test_trimmed_mean_over_the_butterfly_equals_the_reference() -> None:
         vectors[0] *= 1000  # an outlier the median ignores
         rule = TrimmedMean(trim_ratio=0.34)
         async with butterfly_members(3, chunk_timeout=5.0) as members:
-            peers = [m.p2p.peer_id for m in members]
-            outs = await asyncio.gather(
-                *[
-                    m.allreduce(
-                        b"trim",
-                        peers,
-                        i,
-                        v,
-                        weight=1.0,
-                        shares=[1, 1, 1],
-                        codec=Fp32(),
-                        round=1,
-                        timeout=30,
-                        guard=Guard(),
-                        rule=rule,
-                    )  # fmt: skip
-                    for i, (m, v) in enumerate(zip(members, vectors, strict=True))
-                ]
-            )
+            outs = await allreduce_all(members, b"trim", vectors, codec=Fp32(), guard=Guard(), rule=rule)
         expected = torch.stack(vectors).median(dim=0).values  # 3 members, one trimmed from each end
         for mean, stats in outs:
             assert mean is not None, stats.reason

@@ -30,24 +30,12 @@ __all__ = ["run_comm"]
 BASELINE = ["averaging.mode=sync", "compression.name=none"]
 
 
-def _side(
-    name: str,
-    *,
-    config: str,
-    overrides: Sequence[str],
-    peers: int,
-    max_steps: int,
-    run_dir: Path,
-    timeout: float,
-    say: Callable[[str], None],
-) -> dict[str, Any]:
+def _side(name: str, *, say: Callable[[str], None], **swarm: Any) -> dict[str, Any]:
+    """One swarm (run_swarm's keyword arguments) and its bytes per token and eval loss."""
     t0 = time.perf_counter()
-    report = run_swarm(
-        name, config=config, overrides=overrides, peers=peers, max_steps=max_steps, run_dir=run_dir, timeout=timeout,
-        say=say,
-    )  # fmt: skip
+    report = run_swarm(name, say=say, **swarm)
     rows = report["peers"]
-    seq_len = load_config(config, list(overrides)).model.seq_len
+    seq_len = load_config(swarm["config"], list(swarm["overrides"])).model.seq_len
     per_token = [r["bytes_sent"] / max(1, r["samples"] * seq_len) for r in rows]
     side = {
         "bytes_per_token": statistics.mean(per_token),
@@ -76,8 +64,8 @@ def run_comm(
     root = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="p2pfed-comm-"))
     root.mkdir(parents=True, exist_ok=True)
     common = {"config": config, "peers": peers, "max_steps": max_steps, "run_dir": root, "timeout": timeout}
-    base = _side("baseline", overrides=[*overrides, *BASELINE], say=say, **common)  # type: ignore[arg-type]
-    ours = _side("ours", overrides=list(overrides), say=say, **common)  # type: ignore[arg-type]
+    base = _side("baseline", overrides=[*overrides, *BASELINE], say=say, **common)
+    ours = _side("ours", overrides=list(overrides), say=say, **common)
     return {
         "bytes_per_token": ours["bytes_per_token"],
         "baseline_bytes_per_token": base["bytes_per_token"],
