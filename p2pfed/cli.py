@@ -287,7 +287,7 @@ def keygen(out_path: str, identity_path: str | None) -> None:
 @click.option("--initial-peers", multiple=True, required=True, metavar="MADDR", help="any live peer of the swarm")
 @click.option("--run", "run_id", help="only this run (default: every run found)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table (with --watch: one line per read)")
-@click.option("--watch", is_flag=True, help="keep reading: a live table (bytes/s from successive reads)")
+@click.option("--watch", is_flag=True, help="keep reading: a live table (bytes/s between a peer's announcements)")
 @click.option(
     "--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True, help="--watch: seconds between reads"
 )
@@ -319,11 +319,11 @@ def status(
             return
         from rich.live import Live
 
-        before: dict[str, tuple[float, int]] = {}
+        before: dict[str, tuple[float, int, float | None]] = {}
 
         def read(first: bool) -> list[dict[str, Any]]:
             runs = reader.read(run_id, patience=min(timeout, 10.0) if first else 0.0)
-            add_rates(runs, before, time.monotonic())
+            add_rates(runs, before)
             return runs
 
         reads = 0

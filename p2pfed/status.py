@@ -60,17 +60,21 @@ def collect_status(
         return reader.read(run_id, patience=min(timeout, 10.0))
 
 
-def add_rates(runs: list[dict[str, Any]], before: dict[str, tuple[float, int]], now: float) -> None:
-    """Set each peer's bytes_per_s from its bytes_sent now and at the previous read (`before`, updated in place)."""
+def add_rates(runs: list[dict[str, Any]], before: dict[str, tuple[float, int, float | None]]) -> None:
+    """Set each peer's bytes_per_s: the change of its bytes_sent between two of its announcements, over their time
+    difference (`before`: the last announcement seen per peer, updated in place). A record read again before the
+    peer announces anew keeps the rate it had; a peer seen once has none yet."""
     for run in runs:
         for p in run["peers"]:
             key = f"{run['run_id']}/{p['peer_id']}"
-            if key in before and now > before[key][0]:
-                t, sent = before[key]
-                p["bytes_per_s"] = max(0.0, (p.get("bytes_sent", 0) - sent) / (now - t))
-            else:
-                p["bytes_per_s"] = None
-            before[key] = (now, p.get("bytes_sent", 0))
+            stamp, sent = float(p.get("announced_at", 0.0)), int(p.get("bytes_sent", 0))
+            previous = before.get(key)
+            rate = None
+            if previous is not None:
+                rate = previous[2] if stamp <= previous[0] else max(0.0, (sent - previous[1]) / (stamp - previous[0]))
+            if previous is None or stamp > previous[0]:
+                before[key] = (stamp, sent, rate)
+            p["bytes_per_s"] = rate
 
 
 def status_table(runs: list[dict[str, Any]]) -> Any:

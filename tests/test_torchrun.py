@@ -27,7 +27,7 @@ from tests.conftest import CPU_PROFILE, TINY, Launcher, wait_no_leftovers
 
 pytestmark = pytest.mark.slow
 
-STEPS = 100  # long enough for `status` to start (a few seconds) while the two train
+STEPS = 140  # long enough for `status` to start (a few seconds) and read three times while the two train
 TORCHRUN = ("-m", "torch.distributed.run")
 
 
@@ -78,7 +78,7 @@ def test_a_two_rank_torchrun_peer_trains_with_a_plain_peer_and_they_agree(launch
     url = json.loads(a.wait_for('"kind": "metrics"', 60))["url"]
     a.wait_for('"kind": "progress"', 120)
     watch = launcher.start(
-        "status", "--initial-peers", bootstrap, "--watch", "--json", "--count", "2", "--interval", "1", name="watch"
+        "status", "--initial-peers", bootstrap, "--watch", "--json", "--count", "3", "--interval", "1.5", name="watch"
     )
     deadline = time.monotonic() + 120
     while a.progress_step() < 3:
@@ -89,7 +89,7 @@ def test_a_two_rank_torchrun_peer_trains_with_a_plain_peer_and_they_agree(launch
             s.name: s for family in text_string_to_metric_families(response.read().decode()) for s in family.samples
         }
     watch = launcher.start(
-        "status", "--initial-peers", bootstrap, "--watch", "--json", "--count", "2", "--interval", "1", name="watch"
+        "status", "--initial-peers", bootstrap, "--watch", "--json", "--count", "3", "--interval", "1.5", name="watch"
     )
     assert watch.wait(timeout=60) == 0, watch.stderr()
     codes = [a.wait(timeout=240), b.wait(timeout=240)]
@@ -115,10 +115,11 @@ def test_a_two_rank_torchrun_peer_trains_with_a_plain_peer_and_they_agree(launch
     assert step.value >= 3 and scraped["p2pfed_samples_total"].value >= 3 * 8
     assert scraped["p2pfed_bytes_sent_total"].value > 0 and scraped["p2pfed_rounds_ok_total"].value >= 2
 
-    # Assert: status --watch saw both peers (never A's second rank), with a byte rate on the second read
+    # Assert: status --watch saw both peers (never A's second rank), and a byte rate once a peer had announced itself
+    # twice (every swarm.announce_every = 2 s) within its three reads
     lines = [json.loads(line) for line in watch.stdout().splitlines() if line.startswith("{")]
-    assert len(lines) == 2
-    (run,) = [r for r in lines[1]["runs"] if r["run_id"] == "tiny"]
+    assert len(lines) == 3
+    (run,) = [r for r in lines[-1]["runs"] if r["run_id"] == "tiny"]
     assert {p["peer_id"] for p in run["peers"]} == {reports["a"]["peer_id"], reports["b"]["peer_id"]}
     assert any(p["bytes_per_s"] and p["bytes_per_s"] > 0 for p in run["peers"]), run["peers"]
     assert wait_no_leftovers(launcher) == []
