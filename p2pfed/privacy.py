@@ -32,8 +32,10 @@ import torch
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.grad_sample.utils import register_grad_sampler
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from p2pfed.config import PrivacyConfig
 
@@ -70,6 +72,18 @@ def steps_within(
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
     return low
+
+
+@register_grad_sampler(LlamaRMSNorm)
+def _rms_norm_grad_sample(
+    layer: LlamaRMSNorm, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Per-example gradient of an RMSNorm's weight (y = w * x / rms(x)): each example's sum over positions of the
+    output's gradient times the normalized input. Without it opacus falls back to vmap per module, which cost 5 of
+    the 12 ms that DP added to a tiny Llama's step (cProfile, 100 steps)."""
+    x = activations[0]
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + layer.variance_epsilon)
+    return {layer.weight: torch.einsum("b...h,b...h->bh", backprops, normed.to(x.dtype))}
 
 
 class PeerPrivacy:
