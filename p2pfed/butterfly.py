@@ -40,7 +40,7 @@ from hivemind.p2p import P2P, PeerID
 from p2pfed.channel import Channel, SocketChannel, StreamChannel
 from p2pfed.compression import Compressor, Payload
 from p2pfed.pieces import ButterflyStats, PartFailed, Slice, piece_round, piece_sizes
-from p2pfed.robust import Guard, Rule
+from p2pfed.robust import Guard, Rule, all_finite
 
 __all__ = ["Butterfly", "ButterflyStats", "Routes", "split_sizes"]
 
@@ -284,7 +284,7 @@ class Butterfly:
                 except ValueError as e:
                     raise PartFailed(f"bad reply from {remote[-6:]}: {e}") from None
                 stats.bytes_received += n
-                if check_replies and dest.is_floating_point() and not bool(torch.isfinite(dest).all()):
+                if check_replies and dest.is_floating_point() and not all_finite(dest):
                     raise PartFailed(f"reducer {remote[-6:]} sent back a mean that is not finite")
 
         sending = asyncio.ensure_future(send())  # replies to early pieces arrive while later ones still go out
