@@ -103,7 +103,7 @@ def status_table(runs: list[dict[str, Any]]) -> Any:
             rate = p.get("bytes_per_s")
             table.add_row(
                 p["cloud"],
-                p["peer_id"],
+                p["peer_id"][-8:],  # as the peers' own log prefixes show it; --json has the whole id
                 p["device"],
                 str(p["step"]),
                 loss,

@@ -231,7 +231,11 @@ class LocalSwarm:
         parts = []
         for p in self.peers:
             g = p.progress
-            parts.append(f"peer {p.index}: step {g.get('step', 0)} loss {g.get('loss', float('nan')):.3f}")
+            if "step" not in g:  # starting up, or waiting for the swarm: no step yet
+                said = "listening" if p.last_event.startswith("bootstrap:") else p.last_event[:40]
+                parts.append(f"peer {p.index}: {said}")
+                continue
+            parts.append(f"peer {p.index}: step {g['step']} loss {g['loss']:.3f}")
         return " | ".join(parts)
 
     def _table(self) -> Any:
