@@ -150,6 +150,7 @@ class Discovery(Actor):
         self.bootstrap_retry_s = bootstrap_retry_s
         self.dht: hivemind.DHT | None = None
         self._record: PeerRecord | None = None
+        self.published: PeerRecord | None = None  # the record as last stored: what other peers read of this one
         self._announcer: asyncio.Task[None] | None = None
 
     @property
@@ -195,6 +196,7 @@ class Discovery(Actor):
         value = dataclasses.asdict(self._record)
         value["maddrs"] = list(value["maddrs"])
         value["announced_at"] = now
+        self.published = self._record
         futures = [
             self.dht.store(
                 peers_key(self.run_id),
