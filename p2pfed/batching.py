@@ -5,12 +5,15 @@
     h = controller.inner_steps(rates, me)      # diloco: local steps that fit the round's time budget
     m = controller.micro_batch(n, device)      # sequences per forward/backward pass
 
-`rates` maps the ready peers of the swarm (this one included) to their measured samples/s, as they announce it in
-the DHT: an exponential moving average of samples over compute time, the emulated slowdown of a profile included.
+`rates` maps the peers a step is shared among (this one included) to their measured samples/s: an exponential moving
+average of samples over compute time, the emulated slowdown of a profile included. While a sync group stays the
+same, it is the table its members gathered in their last round, identical on every member; otherwise what the peers
+announced in the DHT.
 
-- sync mode with `training.global_batch_size` B: peer i computes round(B * r_i / sum_j r_j) samples (at least 1), so
-  every peer's compute takes about B / sum_j r_j seconds; the all-reduce weights each gradient by its samples, so
-  the step is that of one batch of about B. Without it, every peer computes `training.batch_size`.
+- sync mode with `training.global_batch_size` B: peer i computes B * r_i / sum_j r_j samples, in whole samples that
+  add up to B (largest remainders, at least 1 each), so every peer's compute takes about B / sum_j r_j seconds; the
+  all-reduce weights each gradient by its samples, so the step is that of one batch of about B. Without it, every
+  peer computes `training.batch_size`.
 - diloco with `averaging.adaptive_inner_steps`: the fastest peer runs `averaging.inner_steps` local steps and peer
   i runs round(inner_steps * r_i / r_max) (at least 1), so every phase takes about as long on every peer; the
   pseudo-gradients are averaged by samples. The swarm's step still advances by inner_steps per round.
@@ -22,13 +25,14 @@ the DHT: an exponential moving average of samples over compute time, the emulate
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 
 import torch
 
 from p2pfed.config import Config, Profile
 
-__all__ = ["BatchController", "activation_bytes"]
+__all__ = ["BatchController", "activation_bytes", "apportion"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,18 @@ def activation_bytes(*, seq_len: int, hidden: int, layers: int, heads: int, voca
     logits and their gradient."""
     per_layer = seq_len * hidden * (34 + 5 * heads * seq_len / hidden)
     return int(2 * layers * per_layer + 2 * 4 * seq_len * vocab)
+
+
+def apportion(total: int, rates: Mapping[str, float]) -> dict[str, int]:
+    """`total` samples split in proportion to `rates`, in whole samples that add up to `total` (largest remainders;
+    ties go by peer id, so every peer that holds the same table computes the same split), each at least 1."""
+    whole = sum(rates.values())
+    quotas = {peer: total * r / whole for peer, r in rates.items()}
+    shares = {peer: max(1, math.floor(q)) for peer, q in quotas.items()}
+    order = sorted(rates, key=lambda peer: (-(quotas[peer] - math.floor(quotas[peer])), peer))
+    for peer in order[: max(0, total - sum(shares.values()))]:
+        shares[peer] += 1
+    return shares
 
 
 class BatchController:
@@ -53,15 +69,16 @@ class BatchController:
             return a.adaptive_inner_steps
         return a.mode in ("sync", "hierarchical") and t.global_batch_size is not None
 
-    def batch(self, rates: Mapping[str, float], me: str) -> int:
-        """Samples this peer computes for one sync step."""
+    def batch(self, rates: Mapping[str, float], me: str, *, peers: int = 1) -> int:
+        """Samples this peer computes for one sync step; `peers`: how many the step is shared among at least (the
+        group size the swarm expects, before their rates are known)."""
         t = self.cfg.training
         if t.global_batch_size is None:
             return t.batch_size
         known = {peer: r for peer, r in rates.items() if r > 0}
-        if me not in known or len(known) < len(rates):  # not measured yet: an equal share
-            return max(1, round(t.global_batch_size / max(1, len(rates))))
-        return max(1, round(t.global_batch_size * known[me] / sum(known.values())))
+        if me not in known or len(known) < max(len(rates), peers):  # someone not measured (or read) yet: equal shares
+            return max(1, round(t.global_batch_size / max(1, len(rates), peers)))
+        return apportion(t.global_batch_size, known)[me]
 
     def inner_steps(self, rates: Mapping[str, float], me: str) -> int:
         """Local steps this peer runs in one DiLoCo phase."""

@@ -109,6 +109,7 @@ class Peer:
         self._ready_ids: dict[str, float] = {}  # ready (or joining) peers of the last swarm read -> announce time
         self._joining_ids: set[str] = set()  # peers downloading the swarm's state to join: rounds wait for them
         self._rates: dict[str, float] = {}  # ready peers of the last swarm read -> their samples/s
+        self._round_rates: dict[str, float] = {}  # members of the last round -> the samples/s they gathered in it
         self.batching = BatchController(cfg, profile)
         self.stats: dict[str, Any] = {
             "rounds_ok": 0,
@@ -308,12 +309,18 @@ class Peer:
                 self.opt.ranks.close()
         return report
 
-    def _own_rate(self) -> float:
-        """This peer's samples/s as the others last read it: every peer then sizes its share from the same published
-        figures, so the shares add up to the global batch (with its own live figure, which leads its published one
-        while the rate climbs, the shares' sum ran up to 24% over)."""
+    def _share_rates(self) -> dict[str, float]:
+        """Samples/s of the peers this step's work is shared among. The members of the last round gathered theirs
+        in it, so while the group stays the same every member sizes its share from the same table and the shares
+        add up to the global batch. Otherwise (a peer joined or left): the rates the peers published in the DHT, this
+        peer's own as the others read it (its live figure leads the published one while rates climb: with it, the
+        shares' sum ran up to 24% over the global batch)."""
+        ready = {self.peer_id, *self._rates}
+        if self._round_rates and set(self._round_rates) == ready:
+            return dict(self._round_rates)
         published = self.discovery.published
-        return published.samples_per_s if published is not None and published.samples_per_s > 0 else self.samples_per_s
+        own = published.samples_per_s if published is not None and published.samples_per_s > 0 else self.samples_per_s
+        return {**self._rates, self.peer_id: own}
 
     def _serve_metrics(self, port: int, host: str) -> None:
         from p2pfed.metrics import PeerMetrics
@@ -398,13 +405,14 @@ class Peer:
             self.ctx.step = step
             if self.max_steps is not None and step >= self.max_steps:
                 break
-            rates = {**self._rates, self.peer_id: self._own_rate()}  # ready peers' measured samples/s
+            rates = self._share_rates()
             if diloco or gossip:  # H local steps (fewer at the end of the run), then one round
                 inner = min(cfg.averaging.inner_steps, (self.max_steps or step + cfg.averaging.inner_steps) - step)
                 local_steps = min(inner, self.batching.inner_steps(rates, self.peer_id)) if diloco else inner
                 work: Any = RunInnerSteps(steps=local_steps, first_step=step)  # the swarm's step advances by inner
             else:
-                inner, work = 1, ComputeGradients(batch_size=self.batching.batch(rates, self.peer_id))
+                share = self.batching.batch(rates, self.peer_id, peers=self._group_size)
+                inner, work = 1, ComputeGradients(batch_size=share)
             privacy = self.trainer.privacy
             left = privacy.steps_left() if privacy is not None else None
             if privacy is not None and left is not None and left < inner:
@@ -445,6 +453,7 @@ class Peer:
                             weight=grads.samples,
                             fingerprint=self.trainer.fingerprint,
                             wait_s=cfg.averaging.catchup_grace if wait_s is None and self._joining_ids else wait_s,
+                            rate=self.samples_per_s,
                         ),
                         timeout=cfg.averaging.round_timeout + cfg.averaging.timeout + 10,
                     )
@@ -456,6 +465,9 @@ class Peer:
             self.stats["waiting_s"] += rnd.waited_s
             self._no_shows(rnd)
             self.stats["dropped"] += rnd.dropped
+            # the next step's shares come from this round's table while the group stays (sync rounds gather rates)
+            gathered = rnd.committed and len(rnd.rates) > 1 and all(r > 0 for r in rnd.rates.values())
+            self._round_rates = dict(rnd.rates) if gathered else {}
             if gossip and not rnd.committed:  # no partner this time, or a group that fell apart: train on
                 self.stats["gossip_missed"] += 1
             elif rnd.committed and (overlap or gossip):  # already applied (overlap: rnd is the previous round)

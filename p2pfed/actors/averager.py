@@ -142,6 +142,7 @@ class Averager(Actor):
                 "weight": float(msg.weight),
                 "tcp": self.tcp_endpoint,
                 "ready_at": get_dht_time(),
+                "rate": float(msg.rate),
             },
             # Give up finding a group soon after the wait: the peer then re-reads the swarm (it may be behind, or
             # alone) instead of retrying matchmaking for the whole round_timeout; gossip simply trains on.
@@ -181,6 +182,7 @@ class Averager(Actor):
             dropped=outcome["dropped"],
             members=tuple(outcome["gathered"]),
             waited_s=waited,
+            rates={p: float(d.get("rate", 0.0)) for p, d in outcome["gathered"].items() if isinstance(d, dict)},
         )
         if outcome["complete"]:
             spread = max(arrived, default=0.0) - min(arrived, default=0.0)

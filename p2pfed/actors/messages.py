@@ -180,6 +180,7 @@ class RunRound:
     weight: float
     fingerprint: float = 0.0  # sum of squared parameters (float64): members at one step must agree on it
     wait_s: float | None = None  # how long a leader may wait for a full group; default averaging.matchmaking_time
+    rate: float = 0.0  # this peer's samples/s, gathered so that every member sizes the next step from one table
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,7 @@ class RoundResult:
     unreachable: tuple[str, ...] = ()  # members whose part or reply never came whole (dead, or stalled)
     members: tuple[str, ...] = ()  # the group's peer ids (base58), when a group formed
     waited_s: float = 0.0  # from this peer's arrival at the round to the last member's
+    rates: dict[str, float] = field(default_factory=dict)  # members' samples/s as gathered: the same on every member
 
 
 @dataclass(frozen=True)
