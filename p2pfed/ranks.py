@@ -2,7 +2,7 @@
 
     ranks = RankGroup.from_env(device)              # None outside torchrun (WORLD_SIZE unset or 1)
     trainer.ranks = ranks                            # rank 0: its Trainer leads the others
-    run_follower(cfg, profile, corpus, shard, ranks) # ranks 1..N-1: mirror the leader until it stops
+    run_follower(cfg, profile, ranks)               # ranks 1..N-1: mirror the leader until it stops
 
 torch.distributed (NCCL on GPUs, gloo on CPU) works inside the peer; only rank 0 joins the swarm. Every rank holds
 the same model and optimizer. Each rank computes its share of the peer's batch on its own slice of the peer's data,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["PEER_KEYS", "combine_reports", "dump_round", "max_param_divergence"]
+__all__ = ["PEER_KEYS", "combine_reports", "dump_round", "max_param_divergence", "read_events"]
 
 PEER_KEYS = (
     "peer_id",
@@ -71,3 +71,16 @@ def dump_round(
         {"local": local, "averaged": averaged.clone(), "weight": torch.tensor([float(weight)])},
         str(out / f"{peer_id}-step{step}.safetensors"),
     )
+
+
+def read_events(log: str | Path) -> list[dict[str, Any]]:
+    """The JSON-lines events (`--events jsonl`) in a peer's log, in order; other lines (stderr, a line cut short by a
+    kill) are skipped."""
+    events = []
+    for line in Path(log).read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return events

@@ -25,6 +25,7 @@ from typing import Any
 from p2pfed.config import CostConfig
 from p2pfed.cost import bytes_by_pair, egress_usd, price_per_gb, sync_fp32_bytes_by_pair
 from p2pfed.errors import UserError
+from p2pfed.report import read_events
 
 __all__ = ["PeerRun", "load_run", "write_run_report"]
 
@@ -40,17 +41,6 @@ class PeerRun:
     @property
     def label(self) -> str:
         return f"{self.name} ({self.report.get('cloud', '?')})"
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    events = []
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return events
 
 
 def load_run(run_dir: Path) -> list[PeerRun]:
@@ -69,7 +59,7 @@ def load_run(run_dir: Path) -> list[PeerRun]:
         raise UserError(f"{str(run_dir)!r} holds no peer report (NAME.json written by `p2pfed peer --report`)")
     by_id = {p.report["peer_id"]: p for p in peers.values()}
     for path in sorted([*run_dir.glob("*.log"), *run_dir.glob("*.jsonl")]):
-        events = _read_jsonl(path)
+        events = read_events(path)
         owner = peers.get(path.stem)
         if owner is None:
             done = [e for e in events if e.get("kind") == "done" and e.get("peer_id") in by_id]

@@ -10,7 +10,7 @@ from p2pfed.actors.discovery import BOOTSTRAP_RETRY_S, read_peers, runs_key, sta
 from p2pfed.admission import SealedRecords, read_swarm_key
 from p2pfed.errors import UserError
 
-__all__ = ["StatusReader", "add_rates", "collect_status", "render_status", "status_table"]
+__all__ = ["StatusReader", "add_rates", "render_status", "status_table"]
 
 
 class StatusReader:
@@ -51,13 +51,6 @@ class StatusReader:
             peers = [dataclasses.asdict(p) for p in read_peers(self.dht, rid, timeout=self.timeout)]
             runs.append({"run_id": rid, "info": info, "peers": sorted(peers, key=lambda p: (p["cloud"], p["peer_id"]))})
         return runs
-
-
-def collect_status(
-    initial_peers: list[str], *, run_id: str | None, timeout: float, swarm_key: str | None = None
-) -> list[dict[str, Any]]:
-    with StatusReader(initial_peers, timeout=timeout, swarm_key=swarm_key) as reader:
-        return reader.read(run_id, patience=min(timeout, 10.0))
 
 
 def add_rates(runs: list[dict[str, Any]], before: dict[str, tuple[float, int, float | None]]) -> None:

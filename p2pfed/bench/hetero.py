@@ -34,6 +34,7 @@ import yaml
 
 from p2pfed.config import load_config, load_profile
 from p2pfed.errors import UserError
+from p2pfed.report import read_events
 
 __all__ = ["progress_events", "run_hetero", "run_swarm"]
 
@@ -72,11 +73,7 @@ def run_swarm(
 
 def progress_events(log: Path) -> list[dict[str, Any]]:
     """The progress events (with their `time`) a peer printed, from its swarm log."""
-    events = []
-    for line in log.read_text().splitlines():
-        if line.startswith('{"kind": "progress"'):
-            events.append(json.loads(line))
-    return events
+    return [e for e in read_events(log) if e.get("kind") == "progress"]
 
 
 def _side(name: str, *, slowdowns: Sequence[float], target_loss: float | None, **kwargs: Any) -> dict[str, Any]:
