@@ -26,6 +26,7 @@ from hivemind.averaging.group_info import GroupInfo
 from hivemind.compression import NoCompression
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
+from hivemind.utils.mpfuture import MPFuture
 
 from p2pfed.admission import Admission
 from p2pfed.butterfly import Butterfly, ButterflyStats
@@ -52,6 +53,7 @@ class _ByteCounters:
         # Only the averager process writes them, from one event loop: no lock needed.
         self.sent: Any = mp.Value(ctypes.c_double, 0.0, lock=False)
         self.received: Any = mp.Value(ctypes.c_double, 0.0, lock=False)
+        self.forwarded: Any = mp.Value(ctypes.c_double, 0.0, lock=False)  # relayed for others (p2pfed/relay.py)
 
 
 class SwarmAverager(DecentralizedAverager):
@@ -75,9 +77,11 @@ class SwarmAverager(DecentralizedAverager):
         peers_key: str | None = None,
         max_update_norm: float | None = None,
         rule: Rule | None = None,
+        relays: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         self._counters = _ByteCounters()
+        self._relays = [PeerID.from_base58(r) for r in relays]  # this peer takes parts only through these
         self._state_fn = state_fn
         self._reduction = reduction or Dense(Fp32())
         self._chunk_timeout = chunk_timeout
@@ -118,6 +122,23 @@ class SwarmAverager(DecentralizedAverager):
     def bytes_received(self) -> int:
         return int(self._counters.received.value)
 
+    @property
+    def bytes_forwarded(self) -> int:
+        return int(self._counters.forwarded.value)
+
+    def serve_relayed(self, *, timeout: float) -> None:
+        """Take the parts this peer's relays forward (a relayed peer is in client mode: no handlers of its own)."""
+        future: MPFuture[None] = MPFuture()
+        self._outer_pipe.send(("_serve_relayed", [], {"future": future}))
+        future.result(timeout)
+
+    async def _serve_relayed(self, future: MPFuture[None]) -> None:
+        try:
+            await self._get_butterfly().serve_relayed(self._relays)
+            future.set_result(None)
+        except Exception as e:
+            future.set_exception(e)
+
     def set_target_group_size(self, size: int) -> None:
         """Start all-reduce as soon as `size` peers have joined a group (else after the matchmaking time)."""
         self._outer_pipe.send(("_set_target_group_size", [size], {}))
@@ -144,8 +165,13 @@ class SwarmAverager(DecentralizedAverager):
 
     def _get_butterfly(self) -> Butterfly:
         if self._butterfly is None:
-            self._butterfly = Butterfly(self._p2p, name=f"{self.prefix}.part", chunk_timeout=self._chunk_timeout)
+            self._butterfly = Butterfly(
+                self._p2p, name=f"{self.prefix}.part", chunk_timeout=self._chunk_timeout, on_forwarded=self._forwarded
+            )
         return self._butterfly
+
+    def _forwarded(self, n: int) -> None:
+        self._counters.forwarded.value += n
 
     async def add_p2p_handlers(self, p2p: Any, *args: Any, **kwargs: Any) -> None:
         await super().add_p2p_handlers(p2p, *args, **kwargs)
@@ -185,9 +211,9 @@ class SwarmAverager(DecentralizedAverager):
                     return
         peers = list(group_info.peer_ids)
         me = peers.index(self.peer_id)
-        shares = [float(f) for f in kwargs["peer_fractions"]]
-        weight = 1.0 if kwargs.get("weight") is None else float(kwargs["weight"])
         butterfly = self._get_butterfly()
+        shares = _relayed_shares([float(f) for f in kwargs["peer_fractions"]], gathered, butterfly.via, peers)
+        weight = 1.0 if kwargs.get("weight") is None else float(kwargs["weight"])
         stats = ButterflyStats()
         self._last_stats = stats
 
@@ -352,6 +378,23 @@ def _mask_group(group_info: GroupInfo, gathered: Sequence[dict[str, Any]], me: i
         peers=[p.to_bytes() for p in group_info.peer_ids], publics=publics, me=me, tag=group_id,
         maxabs=maxabs, weights=weights,
     )  # fmt: skip
+
+
+def _relayed_shares(
+    shares: list[float], gathered: Sequence[dict[str, Any]], via: dict[PeerID, PeerID], peers: Sequence[PeerID]
+) -> list[float]:
+    """Shares with the relayed members reducing too. hivemind gives a client-mode member (a relayed peer is one:
+    it never accepts a connection) share 0; one that names a relay it is connected to takes the mean of the others'
+    shares, and `via` learns which relay reaches it. Every member computes the same from the same gathered data."""
+    serving = [s for s in shares if s > 0]
+    for i, (peer, info) in enumerate(zip(peers, gathered, strict=True)):
+        relay = info.get("relay")
+        if isinstance(relay, str) and shares[i] == 0 and serving:
+            via[peer] = PeerID.from_base58(relay)
+            shares[i] = sum(serving) / len(serving)
+        else:
+            via.pop(peer, None)
+    return shares
 
 
 def _routes(group_info: GroupInfo, gathered: Sequence[dict[str, Any]]) -> dict[PeerID, tuple[str, int]]:

@@ -30,7 +30,7 @@ import asyncio
 import logging
 import socket
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,7 @@ from hivemind.p2p import P2P, PeerID
 from p2pfed.channel import Channel, SocketChannel, StreamChannel
 from p2pfed.compression import Compressor, Payload
 from p2pfed.pieces import ButterflyStats, PartFailed, Slice, piece_round, piece_sizes
+from p2pfed.relay import Forwarder
 from p2pfed.robust import Guard, Rule, all_finite
 
 __all__ = ["Butterfly", "ButterflyStats", "Routes", "split_sizes"]
@@ -72,14 +73,34 @@ def split_sizes(numel: int, shares: Sequence[float]) -> list[int]:
 class Butterfly:
     """Runs this peer's all-reduces and serves its slices. One per process, on the process's event loop."""
 
-    def __init__(self, p2p: P2P, *, name: str, chunk_timeout: float = 10.0) -> None:
-        self.p2p, self.name, self.chunk_timeout = p2p, name, chunk_timeout
+    def __init__(
+        self, p2p: P2P, *, name: str, chunk_timeout: float = 10.0, on_forwarded: Callable[[int], None] | None = None
+    ) -> None:
+        self.p2p, self.name = p2p, name
         self._slices: dict[bytes, asyncio.Future[Slice]] = {}
         self._handlers: set[asyncio.Future[None]] = set()  # streams being served from the TCP listener
         self._accepting: asyncio.Future[None] | None = None
+        self.forwarder = Forwarder(p2p, name=name, on_bytes=on_forwarded)
+        self.via: dict[PeerID, PeerID] = {}  # members that take streams only through a relay -> their relay
+        self.chunk_timeout = chunk_timeout
+
+    @property
+    def chunk_timeout(self) -> float:
+        """The longest wait for any read or write of a part; a relay gives up on a silent stream after three."""
+        return self._chunk_timeout
+
+    @chunk_timeout.setter
+    def chunk_timeout(self, seconds: float) -> None:
+        self._chunk_timeout = seconds
+        self.forwarder.idle_timeout = 3 * seconds
 
     async def serve(self) -> None:
         await self.p2p.add_binary_stream_handler(self.name, self._handle_stream)
+        await self.forwarder.serve()
+
+    async def serve_relayed(self, relays: Sequence[PeerID]) -> None:
+        """Also take parts that `relays` forward (profile relay: true; p2pfed/relay.py)."""
+        await self.forwarder.accept_from(relays, self._handle_forwarded)
 
     async def serve_tcp(self, sock: socket.socket) -> None:
         """Also accept parts on a listening TCP socket (averaging.transport=tcp): no libp2p daemon in the path, and
@@ -300,7 +321,11 @@ class Butterfly:
         endpoint = routes.get(peer) if routes else None
         if endpoint is not None:
             return await SocketChannel.connect(*endpoint, timeout=self.chunk_timeout)
-        _, reader, writer = await self.p2p.call_binary_stream_handler(peer, self.name)
+        relay = self.via.get(peer)
+        if relay is not None:
+            reader, writer = await self.forwarder.open(relay, peer)
+        else:
+            _, reader, writer = await self.p2p.call_binary_stream_handler(peer, self.name)
         return StreamChannel(reader, writer, timeout=self.chunk_timeout)
 
     async def _accept(self, sock: socket.socket) -> None:
@@ -318,6 +343,11 @@ class Butterfly:
 
     async def _handle_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._handle(StreamChannel(reader, writer, timeout=self.chunk_timeout), remote=info.peer_id)
+
+    async def _handle_forwarded(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: PeerID
+    ) -> None:
+        await self._handle(StreamChannel(reader, writer, timeout=self.chunk_timeout), remote=source)
 
     async def _handle(self, channel: Channel, *, remote: PeerID | None = None) -> None:
         """Serve one sender: read its part, add it to this peer's slice, reply with the slice's mean. `remote`: the

@@ -168,6 +168,8 @@ def peer(
     cfg = load_config(config_path, overrides)
     profile = load_profile(profile_path)
     check_initial_peers(initial_peers)  # before the slow imports: a typo costs a second, not ten
+    if profile.relay and not initial_peers:
+        raise UserError("profile relay: true needs --initial-peers (the bootstrap peers are this peer's relays)")
     for maddr in announce:
         if not maddr.startswith("/") or maddr.rstrip("/").endswith("/tcp/0") or "/tcp/" not in maddr:
             raise UserError(

@@ -370,6 +370,17 @@ class Profile(_Section):
     region: str = Field("", description="region label, e.g. us-east-1")
     slowdown: float = Field(1.0, ge=1.0, description="emulate slower hardware: sleep (slowdown-1)x compute time")
     client_mode: bool = Field(False, description="dial out only; for peers that cannot accept connections")
+    relay: bool = Field(
+        False,
+        description="cannot accept connections, yet a full member: a bootstrap peer (--initial-peers) relays the "
+        "other members' streams to it",
+    )
+
+    @model_validator(mode="after")
+    def _one_reachability(self) -> Profile:
+        if self.client_mode and self.relay:
+            raise ValueError("profile: client_mode and relay exclude each other (a relayed peer reduces, a client not)")
+        return self
 
 
 def check_initial_peers(maddrs: Sequence[str]) -> None:

@@ -238,7 +238,7 @@ class Peer:
             run_id=cfg.run.id,
             listen=cfg.swarm.listen,
             initial_peers=self.opt.initial_peers,
-            client_mode=self.profile.client_mode,
+            client_mode=self.profile.client_mode or self.profile.relay,  # a relayed peer only dials out
             identity_path=self.opt.identity_path,
             announce_maddrs=self.opt.announce,
             record_ttl=cfg.swarm.record_ttl,
@@ -291,6 +291,7 @@ class Peer:
                 numel=self.trainer.numel,
                 state_fn=self.trainer.current_state,
                 client_mode=self.profile.client_mode,
+                relays=self.opt.initial_peers if self.profile.relay else (),
                 cloud=self.profile.cloud,
                 admission=self.admission,
             )
@@ -645,6 +646,7 @@ class Peer:
             "rounds_solo": self.stats["rounds_solo"],
             "bytes_sent": self.averager.bytes_sent,
             "bytes_received": self.averager.bytes_received,
+            "bytes_forwarded": self.averager.bytes_forwarded,  # relayed between other peers (profile relay)
             "bytes_by_cloud": dict(self.stats["bytes_by_cloud"]),
             "gossip_missed": self.stats["gossip_missed"],
             "contributions_dropped": self.stats["dropped"],

@@ -186,6 +186,34 @@ def test_a_client_mode_member_reduces_nothing_but_gets_the_mean() -> None:
     _run(main())
 
 
+def test_a_relayed_member_reduces_its_slice_through_its_relay_and_a_false_relay_is_refused() -> None:
+    async def main() -> None:
+        async with _members(3) as butterflies:
+            # Prepare: member 2 takes parts only as forwarded by member 0; everyone reaches member 2 through 0
+            relay, _, relayed = (b.p2p.peer_id for b in butterflies)
+            await butterflies[2].serve_relayed([relay])
+            forwarded: list[int] = []
+            butterflies[0].forwarder.on_bytes = forwarded.append
+            for b in butterflies[:2]:
+                b.via[relayed] = relay
+            vectors, weights = _vectors(3, 30_000), [1.0, 2.0, 3.0]
+
+            # Execute + Assert: the weighted mean everywhere; member 0 forwarded member 1's part of member 2's
+            # slice and the mean coming back (a third of the vector each way) and nothing of its own
+            results = await _allreduce_all(butterflies, vectors, weights, [1, 1, 1], Fp32())
+            for mean in results:
+                assert_close(mean, _weighted_mean(vectors, weights), atol=1e-6, rtol=0)
+            assert sum(forwarded) == pytest.approx(2 * 4 * 10_000, rel=0.01)
+
+            # Execute + Assert: member 1 is no relay of member 2's, so member 2 refuses what it forwards, and the
+            # round fails for everyone
+            butterflies[0].via[relayed] = butterflies[1].via[relayed] = butterflies[1].p2p.peer_id
+            results = await _allreduce_all(butterflies, vectors, weights, [1, 1, 1], Fp32(), tag=b"g2", timeout=8)
+            assert results == [None, None, None]
+
+    _run(main())
+
+
 def test_a_member_that_never_shows_up_fails_the_round_for_everyone_and_writes_nothing() -> None:
     async def main() -> None:
         async with _members(3) as butterflies:

@@ -23,7 +23,7 @@ from tests.conftest import CPU_PROFILE, TINY, Launcher, PeerProcess, group_membe
 
 pytestmark = pytest.mark.slow
 
-STEPS = 230  # the last incarnation joined near step 140 here (and past 170 on a slower machine), with room to train after
+STEPS = 230  # the last incarnation joined near step 140 here (past 170 on a slower machine), with room to train after
 KILLS = 3
 TRAIN_BEFORE_KILL = 3  # rounds an incarnation of the victim trains with the swarm before it is killed
 MATCHMAKING_S, TIMEOUT_S = 5.0, 10.0

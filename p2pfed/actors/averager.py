@@ -8,6 +8,7 @@ copied back only on commit, so the trainer's gradient is never half-averaged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import signal
@@ -28,6 +29,7 @@ from p2pfed.admission import Admission
 from p2pfed.allreduce import SwarmAverager, listen_tcp
 from p2pfed.config import Config
 from p2pfed.reductions import make_reduction
+from p2pfed.relay import split_maddr, usable_relay
 from p2pfed.robust import make_rule
 from p2pfed.secagg import MaskKey, SecureAggregation
 
@@ -49,9 +51,13 @@ class Averager(Actor):
         client_mode: bool,
         cloud: str,
         admission: Admission | None = None,
+        relays: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.cfg, self.dht, self.numel, self.state_fn, self.client_mode = cfg, dht, numel, state_fn, client_mode
+        # profile relay: full multiaddrs of the peers that may relay parts to this one (which accepts no connection)
+        self.relays = [split_maddr(m) for m in relays]
+        self.client_mode = client_mode or bool(relays)  # hivemind's client mode: a relayed peer only dials out
         self.cloud = cloud
         self.admission = admission
         self.buffer = torch.zeros(numel, dtype=torch.float32)
@@ -66,7 +72,8 @@ class Averager(Actor):
 
     async def on_start(self) -> None:
         a = self.cfg.averaging
-        tcp = listen_tcp(self.cfg.swarm.listen, a.tcp_port, self.dht) if a.transport == "tcp" else None
+        direct = a.transport == "tcp" and not self.relays  # a relayed peer cannot be dialed on any port
+        tcp = listen_tcp(self.cfg.swarm.listen, a.tcp_port, self.dht) if direct else None
         self.tcp_endpoint = list(tcp[1]) if tcp is not None else None
         self.avg = SwarmAverager(
             [self.buffer],
@@ -88,6 +95,7 @@ class Averager(Actor):
             rule=make_rule(a.aggregation, trim_ratio=a.trim_ratio, clip_radius=a.clip_radius),
             chunk_timeout=a.timeout / 3,
             client_mode=self.client_mode,
+            relays=[peer_id for peer_id, _ in self.relays],
             declare_state_period=self.cfg.swarm.record_ttl,
             shutdown_timeout=5,
             start=False,
@@ -100,6 +108,18 @@ class Averager(Actor):
             signal.signal(signal.SIGINT, previous)
         await asyncio.to_thread(self.avg.wait_until_ready, 60.0)
         self.avg.set_target_group_size(self.cfg.group_size(self.cfg.swarm.min_peers))
+        if self.relays:
+            await asyncio.to_thread(self.avg.serve_relayed, timeout=30.0)
+
+    async def _usable_relay(self) -> str | None:
+        """The first of this peer's relays its daemon is (or now gets) connected to."""
+        timeout = self.cfg.averaging.request_timeout
+        find = functools.partial(usable_relay, self.relays, timeout)
+        try:
+            return await asyncio.to_thread(self.dht.run_coroutine, find)
+        except Exception as e:
+            logger.warning("no relay this round: %r", e)
+            return None
 
     def interrupt(self) -> None:
         if self._control is not None:
@@ -118,6 +138,10 @@ class Averager(Actor):
     def bytes_received(self) -> int:
         return self.avg.bytes_received if self.avg is not None else 0
 
+    @property
+    def bytes_forwarded(self) -> int:
+        return self.avg.bytes_forwarded if self.avg is not None else 0
+
     def set_state_priority(self, step: float) -> None:
         """Peers that download state prefer the most advanced peer."""
         if self.avg is not None and not self.client_mode:
@@ -132,6 +156,7 @@ class Averager(Actor):
         wait_s = self.deadlines.matchmaking_s if msg.wait_s is None else msg.wait_s
         gossip = a.mode == "gossip"
         assert wait_s < a.round_timeout  # config validation guarantees it
+        relay = await self._usable_relay() if self.relays else None
         control = self.avg.step(
             scheduled_time=get_dht_time() + wait_s,
             weight=float(msg.weight),
@@ -141,6 +166,7 @@ class Averager(Actor):
                 "cloud": self.cloud,
                 "weight": float(msg.weight),
                 "tcp": self.tcp_endpoint,
+                "relay": relay,  # members reach this one through that peer (None: it reduces no part this round)
                 "ready_at": get_dht_time(),
                 "rate": float(msg.rate),
             },
