@@ -361,7 +361,11 @@ class Peer:
         metadata, tensors = state
         if int(metadata.get("step", -1)) < self.trainer.step:
             return False
-        await self.trainer.ask(LoadState(metadata, list(tensors)), timeout=self.cfg.averaging.timeout)
+        try:
+            await self.trainer.ask(LoadState(metadata, list(tensors)), timeout=self.cfg.averaging.timeout)
+        except ValueError as e:  # a bad or truncated download: nothing was loaded, and the caller tries again
+            logger.warning("state download refused: %s", e)
+            return False
         self.stats["state_downloads"] += 1
         self.monitor.tell(
             Event("state", f"downloaded swarm state at step {self.trainer.step}", {"step": self.trainer.step})

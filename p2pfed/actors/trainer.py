@@ -431,17 +431,19 @@ class Trainer(Actor):
         await self._run(self._load_state, msg.metadata, msg.tensors)
 
     def _load_state(self, metadata: dict[str, Any], tensors: list[torch.Tensor]) -> None:
-        self._lead("load_state", [metadata], tensors)
+        """ValueError, with nothing changed, when the state does not fit (a truncated download, another model)."""
         ours = self._state_tensors()
         if metadata.get("numel") != self.numel or len(tensors) != len(ours):
             raise ValueError(
                 f"downloaded state does not fit this model: {len(tensors)} tensors for {metadata.get('numel')} "
                 f"parameters, expected {len(ours)} for {self.numel}"
             )
+        for dst, src in zip(ours, tensors, strict=True):
+            if dst.shape != src.shape:
+                raise ValueError(f"downloaded tensor of shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+        self._lead("load_state", [metadata], tensors)
         with self._lock, torch.no_grad():
             for dst, src in zip(ours, tensors, strict=True):
-                if dst.shape != src.shape:
-                    raise ValueError(f"downloaded tensor of shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
                 dst.copy_(src)
             for p in self.params:
                 self.optimizer.state[p]["step"] = torch.tensor(float(metadata["adam_step"]))
