@@ -1,6 +1,7 @@
 """Chaos: four peers train while one of them is killed with SIGKILL and restarted, three times. Training goes on with
 no stall longer than two round deadlines, nothing turns NaN, every incarnation leaves no process behind, and the
-last one rejoins (downloading the swarm's state) and ends with the others' parameters.
+last one joins late (downloading the swarm's state), trains only the steps that remain and ends with the others'
+parameters. While the victim restarts, `p2pfed status --json` lists the peers that train.
 
 .venv/bin/python -m pytest -q tests/test_chaos.py
 """
@@ -55,6 +56,7 @@ def test_a_peer_killed_and_restarted_three_times_rejoins_and_the_swarm_never_sta
     # restart it at once (a rejoin takes tens of seconds here: start-up, the state download, the first round)
     last_step, last_change, longest_stall = 0, time.monotonic(), 0.0
     killed: list[PeerProcess] = []
+    status: PeerProcess | None = None
     deadline = time.monotonic() + 400
     while any(p.proc.poll() is None for p in survivors):
         assert time.monotonic() < deadline, [p.stderr()[-1500:] for p in survivors]
@@ -69,8 +71,11 @@ def test_a_peer_killed_and_restarted_three_times_rejoins_and_the_swarm_never_sta
             victim.proc.wait(timeout=30)
             killed.append(victim)
             victim = launcher.start(*victim_args, name=f"victim{len(killed)}")
+            if status is None:
+                status = launcher.start("status", "--initial-peers", bootstrap, "--json", name="status")
         time.sleep(0.1)
     codes = [p.wait(timeout=60) for p in survivors] + [victim.wait(timeout=120)]
+    assert status is not None and status.wait(timeout=60) == 0, status and status.stderr()
 
     # Assert: everyone finished, no stall beyond two deadlines, no NaN, the last incarnation rejoined and agrees
     assert len(killed) == KILLS
@@ -87,6 +92,13 @@ def test_a_peer_killed_and_restarted_three_times_rejoins_and_the_swarm_never_sta
         params = load_file(tmp_path / f"{name}.safetensors")
         assert all(bool(torch.isfinite(t).all()) for t in params.values())
     assert reports[3]["state_downloads"] >= 1 and reports[3]["start_step"] > 0
+    assert reports[3]["steps"] == STEPS - reports[3]["start_step"] and reports[3]["rounds_ok"] >= 1
+
+    # Assert: status listed the survivors of run "tiny", training, with their progress
+    (run,) = [r for r in json.loads(status.stdout()) if r["run_id"] == "tiny"]
+    training = {p["peer_id"]: p for p in run["peers"] if p["step"] >= 1}
+    assert set(training) >= {r["peer_id"] for r in reports[:3]}
+    assert all(p["samples_per_s"] > 0 and p["cloud"] == "local" and p["loss"] > 0 for p in training.values())
     divergence = max_param_divergence([tmp_path / f"{n}.safetensors" for n in ("peer0", "peer1", "peer2", "victim")])
     assert divergence is not None and divergence < 1e-4
     for dead in killed:  # each killed incarnation's DHT, averager and p2pd went with it
