@@ -346,13 +346,16 @@ class Config(_Section):
             )
         return self
 
-    def group_size(self, ready_peers: int, *, formed: bool = False) -> int:
+    def group_size(self, ready_peers: int, *, formed: bool = False, hungry: int = 0) -> int:
         """How many peers a round waits for: every ready peer, capped by averaging.target_group_size. Until the swarm
         has formed (swarm.min_peers peers seen ready at once) at least swarm.min_peers, so the first rounds wait
         averaging.matchmaking_time for peers still starting; after that the live count rules, so a peer that died
-        costs no wait."""
+        costs no wait. Gossip: averaging.gossip_group_size, and one more for each `hungry` peer (one whose last
+        round found no partner), so that peers in step with each other stop pairing among themselves while one out
+        of step starves."""
         if self.averaging.mode == "gossip":
-            return self.averaging.gossip_group_size
+            size = self.averaging.gossip_group_size
+            return min(size + hungry, max(ready_peers, size))
         floor = self.averaging.min_group_size if formed else max(self.swarm.min_peers, self.averaging.min_group_size)
         size = max(ready_peers, floor)
         cap = self.averaging.target_group_size

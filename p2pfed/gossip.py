@@ -4,9 +4,11 @@ whichever few live peers are ready at that moment (a group of `averaging.gossip_
 Peers need not be at the same step or hold the same parameters: the averages pull them toward consensus, and a
 round without a partner is simply a phase without averaging. Partners are found only among peers looking at the
 same moment, so a peer whose phases fall between the others' could miss every round while they pair among
-themselves: after each miss it looks for a partner for one more `matchmaking_time` (up to half the round timeout),
-which makes its window overlap theirs again. The distance between a peer's parameters and its
-group's average is recorded each round, so the shrinking spread can be seen in the report.
+themselves. After each miss it looks for a partner for one more `matchmaking_time` (up to half the round timeout),
+which makes its window overlap theirs again, and it announces its misses: while some peer is hungry, the others'
+groups wait for one more member (Config.group_size), so the pair in step takes it in instead of pairing alone. The
+distance between a peer's parameters and its group's average is recorded each round, so the shrinking spread can be
+seen in the report.
 """
 
 from __future__ import annotations

@@ -161,6 +161,7 @@ class Peer:
             if hasattr(self, "trainer") and self.trainer.privacy is not None
             else None,
             bytes_sent=self.averager.bytes_sent if hasattr(self, "averager") else 0,
+            gossip_misses=self.gossip.misses if hasattr(self, "gossip") else 0,
         )
 
     async def _swarm_size(self) -> tuple[int, int]:
@@ -193,7 +194,8 @@ class Peer:
         self._rates = {p.peer_id: p.samples_per_s for p in live if p.ready}
         ready = 1 + len(self._ready_ids)
         self._formed = self._formed or ready >= self.cfg.swarm.min_peers
-        size = self.cfg.group_size(ready, formed=self._formed)
+        hungry = sum(1 for p in live if p.gossip_misses > 0) + (hasattr(self, "gossip") and self.gossip.misses > 0)
+        size = self.cfg.group_size(ready, formed=self._formed, hungry=hungry)
         if size != self._group_size:
             self.averager.tell(SetGroupSize(size))
             self._group_size = size

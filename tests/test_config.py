@@ -379,3 +379,14 @@ def test_cli_compression_choices_match_the_config_and_the_registry() -> None:
 
     assert COMPRESSION_NAMES == get_args(CompressionConfig.model_fields["name"].annotation)
     assert set(COMPRESSION_NAMES) == set(COMPRESSORS)
+
+
+def test_group_size_follows_the_ready_peers_and_gossip_makes_room_for_hungry_ones() -> None:
+    sync = load_config(TINY, ["swarm.min_peers=3"])
+    assert sync.group_size(2) == 3  # before the swarm has formed, at least swarm.min_peers
+    assert sync.group_size(2, formed=True) == 2 and sync.group_size(5, formed=True) == 5
+    gossip = load_config(TINY, ["averaging.mode=gossip", "averaging.gossip_group_size=2"])
+    assert gossip.group_size(5) == 2
+    assert gossip.group_size(5, hungry=1) == 3 and gossip.group_size(5, hungry=2) == 4
+    assert gossip.group_size(3, hungry=2) == 3  # never more than the ready peers
+    assert gossip.group_size(1, hungry=1) == 2

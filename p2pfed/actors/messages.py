@@ -54,6 +54,7 @@ class PeerRecord:
     announced_at: float = 0.0  # DHT time of the announcement this record came from
     joining: bool = False  # about to download the swarm's state: sync rounds hold their group open for it
     bytes_sent: int = 0  # averaging bytes sent so far (status --watch turns it into bytes/s)
+    gossip_misses: int = 0  # gossip: rounds in a row without a partner (others then make room for this peer)
 
 
 @dataclass(frozen=True)
