@@ -2,6 +2,7 @@
 
     controller = BatchController(cfg, profile)
     n = controller.batch(rates, me)            # sync: this peer's share of training.global_batch_size
+    s = controller.budget(rates, me)           # sync, share_by time: seconds of compute for the step instead
     h = controller.inner_steps(rates, me)      # diloco: local steps that fit the round's time budget
     m = controller.micro_batch(n, device)      # sequences per forward/backward pass
 
@@ -12,8 +13,10 @@ announced in the DHT.
 
 - sync mode with `training.global_batch_size` B: peer i computes B * r_i / sum_j r_j samples, in whole samples that
   add up to B (largest remainders, at least 1 each), so every peer's compute takes about B / sum_j r_j seconds; the
-  all-reduce weights each gradient by its samples, so the step is that of one batch of about B. Without it, every
-  peer computes `training.batch_size`.
+  all-reduce weights each gradient by its samples, so the step is that of one batch of about B. With
+  `training.share_by: time` a peer computes for those B / sum_j r_j seconds instead, as many samples as fit: the
+  peers finish together even when their speed wavers within the step (as on shared cores), and the step's batch is
+  about B. Without it, every peer computes `training.batch_size`.
 - diloco with `averaging.adaptive_inner_steps`: the fastest peer runs `averaging.inner_steps` local steps and peer
   i runs round(inner_steps * r_i / r_max) (at least 1), so every phase takes about as long on every peer; the
   pseudo-gradients are averaged by samples. The swarm's step still advances by inner_steps per round.
@@ -32,7 +35,7 @@ import torch
 
 from p2pfed.config import Config, Profile
 
-__all__ = ["BatchController", "activation_bytes", "apportion"]
+__all__ = ["BatchController", "activation_bytes", "aligned_budget", "apportion"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,15 @@ def apportion(total: int, rates: Mapping[str, float]) -> dict[str, int]:
     return shares
 
 
+def aligned_budget(budget: float, *, started: float, lag: float, now: float) -> float:
+    """training.share_by time: the seconds to compute now so that this step ends at `started + lag + budget`, the
+    same moment on every member of the last round (`started`: its last member's arrival; `lag`: the mean of the
+    members' lags gathered in it; both the same on every member). A moment already past, or more than half a
+    budget later than a budget from now, gives the plain budget."""
+    left = started + lag + budget - now
+    return left if 0.0 < left <= 1.5 * budget else budget
+
+
 class BatchController:
     def __init__(self, cfg: Config, profile: Profile) -> None:
         self.cfg, self.profile = cfg, profile
@@ -79,6 +91,17 @@ class BatchController:
         if me not in known or len(known) < max(len(rates), peers):  # someone not measured (or read) yet: equal shares
             return max(1, round(t.global_batch_size / max(1, len(rates), peers)))
         return apportion(t.global_batch_size, known)[me]
+
+    def budget(self, rates: Mapping[str, float], me: str, *, peers: int = 1) -> float | None:
+        """training.share_by time: the seconds of compute this peer gives one sync step, the same on every peer that
+        holds the same table (global batch / the swarm's samples/s); None until every rate is known."""
+        t = self.cfg.training
+        known = {peer: r for peer, r in rates.items() if r > 0}
+        if t.share_by != "time" or t.global_batch_size is None or me not in known:
+            return None
+        if len(known) < max(len(rates), peers):
+            return None
+        return t.global_batch_size / sum(known.values())
 
     def inner_steps(self, rates: Mapping[str, float], me: str) -> int:
         """Local steps this peer runs in one DiLoCo phase."""

@@ -107,6 +107,12 @@ class TrainingConfig(_Section):
         description="sync mode: the swarm's batch per step, shared among peers in proportion to their measured "
         "samples/s so all finish together; null: every peer computes batch_size",
     )
+    share_by: Literal["samples", "time"] = Field(
+        "samples",
+        description="with global_batch_size: 'samples': each peer computes its share, in whole samples that add up "
+        "to it; 'time': each peer computes for as long as the swarm needs for it at the peers' measured samples/s, "
+        "so all finish at once whatever their speed does meanwhile, and the step's batch is about global_batch_size",
+    )
     lr: float = Field(3e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="clip the averaged gradient to this L2 norm")
@@ -334,6 +340,8 @@ class Config(_Section):
             )
         if self.averaging.adaptive_inner_steps and self.averaging.mode != "diloco":
             raise ValueError("averaging.adaptive_inner_steps sizes DiLoCo phases: it needs averaging.mode diloco")
+        if self.training.share_by == "time" and self.training.global_batch_size is None:
+            raise ValueError("training.share_by 'time' shares training.global_batch_size: set it too")
         if self.training.global_batch_size is not None and self.averaging.mode not in ("sync", "hierarchical"):
             raise ValueError(
                 "training.global_batch_size sizes sync steps; in averaging.mode diloco use "

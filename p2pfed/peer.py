@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from hivemind.utils import get_dht_time
 from safetensors.torch import save_file
 
 from p2pfed.actors.averager import Averager
@@ -53,7 +54,7 @@ from p2pfed.actors.messages import (
 from p2pfed.actors.monitor import Monitor, Sink
 from p2pfed.actors.trainer import Trainer
 from p2pfed.admission import Admission
-from p2pfed.batching import BatchController
+from p2pfed.batching import BatchController, aligned_budget
 from p2pfed.checkpoint import check_resume_dir, load_latest, save_checkpoint
 from p2pfed.config import Config, Profile
 from p2pfed.data import load_corpus
@@ -110,6 +111,8 @@ class Peer:
         self._joining_ids: set[str] = set()  # peers downloading the swarm's state to join: rounds wait for them
         self._rates: dict[str, float] = {}  # ready peers of the last swarm read -> their samples/s
         self._round_rates: dict[str, float] = {}  # members of the last round -> the samples/s they gathered in it
+        self._round_start: tuple[float, float] | None = None  # that round's (started_at, lag), as every member has it
+        self._paused_s = 0.0  # time spent evaluating since the last round (not part of a lag)
         self.batching = BatchController(cfg, profile)
         self.stats: dict[str, Any] = {
             "rounds_ok": 0,
@@ -312,6 +315,22 @@ class Peer:
                 self.opt.ranks.close()
         return report
 
+    def _compute_budget(self, rates: dict[str, float]) -> tuple[float | None, float]:
+        """training.share_by time: (seconds of compute for this step, this peer's lag). While the group stays, every
+        member ends its compute at one moment, the same on every member: the last round's start, plus the mean lag
+        gathered in it, plus the step's budget. A peer whose round ended, or whose bookkeeping ran, later than the
+        others' computes a little less instead of arriving late, and the average peer computes the budget, so the
+        step's batch stays about training.global_batch_size (batching.aligned_budget). An evaluation since the round
+        moves the moment by its length (every peer evaluates at the same step) and does not count as lag. The lag,
+        from the last round's start to this compute, goes into the next round's gather."""
+        budget = self.batching.budget(rates, self.peer_id, peers=self._group_size)
+        paused, self._paused_s = self._paused_s, 0.0
+        if budget is None or self._round_start is None or set(rates) != set(self._round_rates):
+            return budget, 0.0
+        started, lag = self._round_start
+        now = get_dht_time() - paused  # an evaluation since the round moves this peer's moment by its length
+        return aligned_budget(budget, started=started, lag=lag, now=now), now - started
+
     def _share_rates(self) -> dict[str, float]:
         """Samples/s of the peers this step's work is shared among. The members of the last round gathered theirs
         in it, so while the group stays the same every member sizes its share from the same table and the shares
@@ -419,7 +438,9 @@ class Peer:
                 work: Any = RunInnerSteps(steps=local_steps, first_step=step)  # the swarm's step advances by inner
             else:
                 share = self.batching.batch(rates, self.peer_id, peers=self._group_size)
-                inner, work = 1, ComputeGradients(batch_size=share)
+                budget, lag = self._compute_budget(rates)
+                rate = rates.get(self.peer_id, 0.0)
+                inner, work = 1, ComputeGradients(batch_size=share, budget_s=budget, rate=rate)
             privacy = self.trainer.privacy
             left = privacy.steps_left() if privacy is not None else None
             if privacy is not None and left is not None and left < inner:
@@ -461,6 +482,7 @@ class Peer:
                             fingerprint=self.trainer.fingerprint,
                             wait_s=cfg.averaging.catchup_grace if wait_s is None and self._joining_ids else wait_s,
                             rate=self.samples_per_s,
+                            lag=lag,
                         ),
                         timeout=cfg.averaging.round_timeout + cfg.averaging.timeout + 10,
                     )
@@ -475,6 +497,7 @@ class Peer:
             # the next step's shares come from this round's table while the group stays (sync rounds gather rates)
             gathered = rnd.committed and len(rnd.rates) > 1 and all(r > 0 for r in rnd.rates.values())
             self._round_rates = dict(rnd.rates) if gathered else {}
+            self._round_start = (rnd.started_at, rnd.lag) if gathered else None
             if gossip and not rnd.committed:  # no partner this time, or a group that fell apart: train on
                 self.stats["gossip_missed"] += 1
             elif rnd.committed and (overlap or gossip):  # already applied (overlap: rnd is the previous round)
@@ -530,7 +553,9 @@ class Peer:
                         self.monitor.tell(Event("finished", "the rest of the swarm has finished; stopping"))
                         break
             if self.trainer.step // t.eval_every != step // t.eval_every:
+                t_eval = time.perf_counter()
                 eval_loss = await self.trainer.ask(Evaluate(), timeout=eval_timeout)
+                self._paused_s = time.perf_counter() - t_eval
             self._last_loss = final_loss
             self._maybe_checkpoint()
             self.discovery.tell(Announce(self._record(loss=final_loss)))

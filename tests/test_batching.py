@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-from p2pfed.batching import BatchController, activation_bytes, apportion  # noqa: E402
+from p2pfed.batching import BatchController, activation_bytes, aligned_budget, apportion  # noqa: E402
 from p2pfed.cli import main  # noqa: E402
 from p2pfed.config import Profile, load_config  # noqa: E402
 from p2pfed.errors import ConfigError  # noqa: E402
@@ -54,6 +54,30 @@ def test_sync_shares_follow_measured_speed_and_add_up_to_the_global_batch() -> N
     assert sum(split.values()) == 70 and split == apportion(70, uneven)
     assert apportion(3, {"x": 1.0, "y": 1.0, "z": 1.0, "w": 1.0}) == {"x": 1, "y": 1, "z": 1, "w": 1}  # at least 1
     assert apportion(5, {"b": 1.0, "a": 1.0}) == {"a": 3, "b": 2}  # a tie goes to the smaller peer id
+
+
+def test_time_shares_give_every_peer_the_swarms_time_for_the_batch_and_one_moment_to_end() -> None:
+    # Prepare
+    timed = BatchController(load_config(TINY, ["training.global_batch_size=70", "training.share_by=time"]), Profile())
+    rates = {"a": 300.0, "b": 300.0, "c": 100.0}
+
+    # Execute / Assert: 70 samples at 700 samples/s is 0.1 s for everyone; none before every rate is known, none
+    # in sample shares
+    assert {peer: timed.budget(rates, peer) for peer in rates} == pytest.approx({"a": 0.1, "b": 0.1, "c": 0.1})
+    assert timed.budget({"a": 300.0, "b": 0.0}, "a") is None and timed.budget({"a": 300.0}, "a", peers=3) is None
+    by_samples = BatchController(load_config(TINY, ["training.global_batch_size=70"]), Profile())
+    assert by_samples.budget(rates, "a") is None
+
+    # Execute / Assert: the members end at started + lag + budget, whenever each begins; a moment past or far off
+    # gives the plain budget
+    assert aligned_budget(0.1, started=100.0, lag=0.02, now=100.03) == pytest.approx(0.09)
+    assert aligned_budget(0.1, started=100.0, lag=0.02, now=100.01) == pytest.approx(0.11)
+    assert aligned_budget(0.1, started=100.0, lag=0.02, now=100.2) == 0.1  # past
+    assert aligned_budget(0.1, started=100.0, lag=0.2, now=100.0) == 0.1  # 0.3 s off: more than 1.5 budgets
+
+    # Assert: time shares need a global batch to share
+    with pytest.raises(ConfigError, match="share_by 'time' shares training.global_batch_size"):
+        load_config(TINY, ["training.share_by=time"])
 
 
 def test_diloco_inner_steps_fit_the_fastest_peers_phase() -> None:

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import InvalidStateError
 from dataclasses import replace
 from typing import Any
@@ -169,6 +169,7 @@ class Averager(Actor):
                 "relay": relay,  # members reach this one through that peer (None: it reduces no part this round)
                 "ready_at": get_dht_time(),
                 "rate": float(msg.rate),
+                "lag": float(msg.lag),
             },
             # Give up finding a group soon after the wait: the peer then re-reads the swarm (it may be behind, or
             # alone) instead of retrying matchmaking for the whole round_timeout; gossip simply trains on.
@@ -209,6 +210,8 @@ class Averager(Actor):
             members=tuple(outcome["gathered"]),
             waited_s=waited,
             rates={p: float(d.get("rate", 0.0)) for p, d in outcome["gathered"].items() if isinstance(d, dict)},
+            started_at=max(arrived, default=0.0),
+            lag=_mean(float(d.get("lag", 0.0)) for d in outcome["gathered"].values() if isinstance(d, dict)),
         )
         if outcome["complete"]:
             spread = max(arrived, default=0.0) - min(arrived, default=0.0)
@@ -331,3 +334,8 @@ def _cancel(control: Any) -> None:
             control.cancel()
     except InvalidStateError:
         pass
+
+
+def _mean(values: Iterable[float]) -> float:
+    seen = list(values)
+    return sum(seen) / len(seen) if seen else 0.0

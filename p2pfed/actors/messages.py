@@ -73,9 +73,13 @@ class GetPeers:
 
 @dataclass(frozen=True)
 class ComputeGradients:
-    """Forward/backward on the next `batch_size` local sequences (None: training.batch_size). Reply: GradientsReady."""
+    """Forward/backward on the next `batch_size` local sequences (None: training.batch_size). Reply: GradientsReady.
+    With `budget_s`: on as many as fit in that many seconds instead (micro-batches sized for `batch_size`, the first
+    one cut to what `rate`, this peer's samples/s, says fits)."""
 
     batch_size: int | None = None
+    budget_s: float | None = None
+    rate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,7 @@ class RunRound:
     fingerprint: float = 0.0  # sum of squared parameters (float64): members at one step must agree on it
     wait_s: float | None = None  # how long a leader may wait for a full group; default averaging.matchmaking_time
     rate: float = 0.0  # this peer's samples/s, gathered so that every member sizes the next step from one table
+    lag: float = 0.0  # seconds from the last round's start to this step's compute (training.share_by time)
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,8 @@ class RoundResult:
     members: tuple[str, ...] = ()  # the group's peer ids (base58), when a group formed
     waited_s: float = 0.0  # from this peer's arrival at the round to the last member's
     rates: dict[str, float] = field(default_factory=dict)  # members' samples/s as gathered: the same on every member
+    started_at: float = 0.0  # DHT time the last member arrived; with `lag`, the same on every member
+    lag: float = 0.0  # the mean of the members' gathered lags
 
 
 @dataclass(frozen=True)

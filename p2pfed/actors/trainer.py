@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Trainer"]
 
+_TIME_PIECES = 8  # training.share_by time: passes per expected share, at least (Trainer._compute_for)
+
 
 class Trainer(Actor):
     name = "trainer"
@@ -150,7 +152,10 @@ class Trainer(Actor):
     # --- compute -------------------------------------------------------------------------------------------------
 
     async def on_ComputeGradients(self, msg: ComputeGradients) -> GradientsReady:
-        return await self._run(self._compute, msg.batch_size or self.cfg.training.batch_size)
+        batch_size = msg.batch_size or self.cfg.training.batch_size
+        if msg.budget_s is not None:
+            return await self._run(self._compute_for, msg.budget_s, batch_size, msg.rate)
+        return await self._run(self._compute, batch_size)
 
     def _forward_backward(self, batch: torch.Tensor) -> float:
         """Gradients of the mean loss over `batch` (B, T) into p.grad, in micro-batches; returns the mean loss.
@@ -198,6 +203,8 @@ class Trainer(Actor):
         """torchrun, ranks 1..N-1: run the operation rank 0 leads, with its tensors."""
         if op == "compute":
             self._compute(*args)
+        elif op == "compute_for":
+            self._compute_for(*args)
         elif op == "inner_steps":
             self._inner_steps(*args)
         elif op == "apply":
@@ -218,13 +225,20 @@ class Trainer(Actor):
         else:
             raise ValueError(f"rank 0 led an unknown operation {op!r}")
 
-    def _slow_down(self, t0: float) -> float:
-        """Emulate slower hardware honestly: sleep in proportion to the real compute time; returns the total."""
-        compute_s = time.perf_counter() - t0
+    def _clock(self) -> tuple[float, float]:
+        """(wall, CPU) time now: what _slow_down measures a piece of work from."""
+        return time.perf_counter(), time.process_time()
+
+    def _slow_down(self, start: tuple[float, float]) -> float:
+        """Emulate slower hardware honestly: sleep (slowdown - 1) times the compute the work since `start` took;
+        returns its wall time, the sleep included. On a CPU the compute is this process's CPU time: time the
+        machine's other processes held the cores is not this peer's hardware being slow, and tripling it (as a
+        wall-clock measure did, with three peers on two cores) made the slow peer late by up to 0.2 s."""
         if self.profile.slowdown > 1.0:
-            time.sleep((self.profile.slowdown - 1.0) * compute_s)
-            compute_s = time.perf_counter() - t0
-        return compute_s
+            wall, cpu = start
+            spent = time.process_time() - cpu if self.device.type == "cpu" else time.perf_counter() - wall
+            time.sleep((self.profile.slowdown - 1.0) * spent)
+        return time.perf_counter() - start[0]
 
     def _probe(self, m: int) -> None:
         """One forward and backward of m sequences, gradients discarded: does a micro-batch of m fit (GPU)?"""
@@ -235,21 +249,73 @@ class Trainer(Actor):
 
     def _compute(self, batch_size: int) -> GradientsReady:
         self._lead("compute", [batch_size])
-        t0 = time.perf_counter()
+        start = self._clock()
         batch = self._next_batch(self._share(batch_size))
         with self._lock:
             loss = self._forward_backward(batch)
-            offset = 0
-            for p in self.params:
-                n = p.numel()
-                if p.grad is None:
-                    self.flat_grad[offset : offset + n].zero_()
-                else:
-                    self.flat_grad[offset : offset + n].copy_(p.grad.reshape(-1))
-                offset += n
+            self._flatten_grads()
         return GradientsReady(
-            flat_grad=self.flat_grad, samples=self._batch_samples, loss=loss, compute_s=self._slow_down(t0)
+            flat_grad=self.flat_grad, samples=self._batch_samples, loss=loss, compute_s=self._slow_down(start)
         )
+
+    def _compute_for(self, budget_s: float, batch_size: int, rate: float) -> GradientsReady:
+        """Forward/backward on as many local sequences as fit in `budget_s` seconds, the emulated slowdown included
+        (at least one), and the mean gradient over all of them (training.share_by time). Passes are an eighth of
+        `batch_size` (the expected share), at most what fits in memory; the last ones halve what the time left
+        holds at the speed measured so far in this step (`rate`, this peer's samples/s, before the first), so the
+        compute ends within about one sequence's time of the deadline. Eighths, not bigger passes: measured on
+        3 peers of the tiny Llama sharing 2 cores, they left the fast peers waiting 0.044-0.050 of their time
+        where passes of at least 4 or 8 sequences left 0.059 and 0.077 and halving from the first pass 0.095
+        (docs/BENCHMARKS.md H1), though a pass of few sequences costs more per sequence (3.9 ms for 1 against
+        1.6 ms each in 8, one core)."""
+        self._lead("compute_for", [budget_s, batch_size, rate])
+        t0 = time.perf_counter()
+        speed = rate / (self.ranks.world if self.ranks is not None else 1)
+        share = self._share(batch_size)  # in pieces, so that the speed measured on the first ones sizes the last
+        micro = min(self.batching.micro_batch(share, self.device, self._probe), -(-share // _TIME_PIECES))
+        samples, loss_sum = 0, 0.0
+        with self._lock:
+            self.model.train()
+            for p in self.params:
+                p.grad = None
+            while True:
+                elapsed = time.perf_counter() - t0
+                if samples:
+                    speed = samples / elapsed
+                fits = (budget_s - elapsed) * speed  # sequences the time left holds at the speed so far
+                if fits < 1 and samples:
+                    break
+                # the last passes halve what is left, so the end lands within about one sequence of the deadline
+                n = micro if speed <= 0 else min(micro, max(1, int(fits / 2) if fits < 2 * micro else micro))
+                piece = self._clock()
+                ids = self._next_batch(max(n, 1)).to(self.device)
+                with self._autocast():
+                    loss = self.model(input_ids=ids, labels=ids).loss
+                (loss * len(ids)).backward()  # a sum over sequences, divided by all of them below
+                loss_sum += loss.item() * len(ids)
+                samples += len(ids)
+                self._slow_down(piece)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.div_(samples)
+            self._batch_samples, mean = samples, loss_sum / samples
+            if self.ranks is not None:  # the mean over every rank's samples, identical on every rank
+                self._batch_samples, mean = self.ranks.average_grads(self.params, samples, mean)
+            self._flatten_grads()
+        return GradientsReady(
+            flat_grad=self.flat_grad, samples=self._batch_samples, loss=mean, compute_s=time.perf_counter() - t0
+        )
+
+    def _flatten_grads(self) -> None:
+        """p.grad of every parameter into flat_grad (zeros for a parameter without one)."""
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            if p.grad is None:
+                self.flat_grad[offset : offset + n].zero_()
+            else:
+                self.flat_grad[offset : offset + n].copy_(p.grad.reshape(-1))
+            offset += n
 
     # --- DiLoCo: H local AdamW steps, then the pseudo-gradient (the phase's change, negated) is averaged --------
 
@@ -260,7 +326,7 @@ class Trainer(Actor):
         """`steps` local steps; flat_grad becomes origin - theta, the pseudo-gradient of this phase. Without
         overlap the phase starts at theta_start; with overlap it also carries the previous, not yet averaged one."""
         self._lead("inner_steps", [steps, first_step])
-        t0 = time.perf_counter()
+        clock = self._clock()
         t = self.cfg.training
         losses = []
         with self._lock:
@@ -281,7 +347,7 @@ class Trainer(Actor):
             flat_grad=self.flat_grad,
             samples=steps * t.batch_size,
             loss=sum(losses) / len(losses),
-            compute_s=self._slow_down(t0),
+            compute_s=self._slow_down(clock),
         )
 
     async def on_ApplyOuter(self, msg: ApplyOuter) -> None:

@@ -9,7 +9,8 @@ the same data for the same steps with the same global batch per step:
 
 - fixed: every peer computes global / peers samples a step (`training.batch_size`), as hivemind's per-peer batch
   size set by hand would have it;
-- adaptive: `training.global_batch_size`: each peer's share follows its measured samples/s (p2pfed/batching.py).
+- adaptive: `training.global_batch_size`: each peer's share follows its measured samples/s (p2pfed/batching.py),
+  in samples or, with `--set training.share_by=time`, in seconds of compute.
 
 Per side: `waiting_fraction` of the fastest peers = their time spent waiting for other members to arrive at rounds
 (the `waiting_s` of their progress lines) over their training time, both from the first to the last progress line
@@ -117,7 +118,8 @@ def run_hetero(
     n = len(slowdowns)
     if global_batch < n:
         raise UserError(f"--global-batch must give every peer a sample, got {global_batch} for {n} peers")
-    load_config(config, list(overrides))  # a bad config is a one-line error before any peer starts
+    adaptive_batches = [f"training.global_batch_size={global_batch}"]
+    load_config(config, [*overrides, *adaptive_batches])  # a bad config is a one-line error before any peer starts
     root = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="p2pfed-hetero-"))
     root.mkdir(parents=True, exist_ok=True)
     profiles = []
@@ -131,8 +133,9 @@ def run_hetero(
         "profiles": profiles, "slowdowns": slowdowns, "target_loss": target_loss,
     }  # fmt: skip
     t0 = time.perf_counter()
-    fixed = _side("fixed", overrides=[*overrides, f"training.batch_size={global_batch // n}"], **common)
-    adaptive = _side("adaptive", overrides=[*overrides, f"training.global_batch_size={global_batch}"], **common)
+    fixed_batches = [f"training.batch_size={global_batch // n}", "training.share_by=samples"]
+    fixed = _side("fixed", overrides=[*overrides, *fixed_batches], **common)
+    adaptive = _side("adaptive", overrides=[*overrides, *adaptive_batches], **common)
     ratio = None
     if fixed["time_to_target_s"] and adaptive["time_to_target_s"]:
         ratio = adaptive["time_to_target_s"] / fixed["time_to_target_s"]
