@@ -436,6 +436,7 @@ class Peer:
                 inner = min(cfg.averaging.inner_steps, (self.max_steps or step + cfg.averaging.inner_steps) - step)
                 local_steps = min(inner, self.batching.inner_steps(rates, self.peer_id)) if diloco else inner
                 work: Any = RunInnerSteps(steps=local_steps, first_step=step)  # the swarm's step advances by inner
+                lag = 0.0  # time shares are for sync steps only
             else:
                 share = self.batching.batch(rates, self.peer_id, peers=self._group_size)
                 budget, lag = self._compute_budget(rates)
