@@ -165,8 +165,15 @@ def peer(
 
     if listen:
         overrides = (*overrides, f"swarm.listen={listen}")
+    if max_steps is not None:  # the run's last step, for the learning-rate schedule too (and every torchrun rank)
+        overrides = (*overrides, f"training.max_steps={max_steps}")
     cfg = load_config(config_path, overrides)
     profile = load_profile(profile_path)
+    if cfg.training.lr_schedule != "constant" and cfg.training.max_steps is None:
+        raise UserError(
+            f"training.lr_schedule {cfg.training.lr_schedule} decays to the run's last step: "
+            "set training.max_steps or pass --max-steps"
+        )
     check_initial_peers(initial_peers)  # before the slow imports: a typo costs a second, not ten
     if profile.relay and not initial_peers:
         raise UserError("profile relay: true needs --initial-peers (the bootstrap peers are this peer's relays)")

@@ -116,7 +116,14 @@ class TrainingConfig(_Section):
     lr: float = Field(3e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="clip the averaged gradient to this L2 norm")
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warmup from lr / warmup_steps")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant",
+        description="learning rate after warmup: 'constant', or a 'cosine' or 'linear' decay that reaches "
+        "min_lr_ratio x lr at the run's last step (training.max_steps or --max-steps, which it then needs); DiLoCo's "
+        "inner steps follow it by the swarm's step",
+    )
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="lr_schedule cosine or linear: the final lr / lr")
     eval_every: int = Field(10, ge=1, description="steps between eval-loss measurements")
     eval_sequences: int = Field(64, ge=1, description="validation sequences per eval (the same on every peer)")
     max_steps: int | None = Field(None, ge=1, description="global step at which peers stop; --max-steps overrides")

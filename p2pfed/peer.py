@@ -95,8 +95,10 @@ class PeerOptions:
 
 class Peer:
     def __init__(self, cfg: Config, profile: Profile, options: PeerOptions) -> None:
+        if options.max_steps is not None and options.max_steps != cfg.training.max_steps:  # the lr schedule's end
+            cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": options.max_steps})})
         self.cfg, self.profile, self.opt = cfg, profile, options
-        self.max_steps = options.max_steps or cfg.training.max_steps
+        self.max_steps = cfg.training.max_steps
         self.ctx = options.context
         self.samples_per_s = 0.0
         self._last_loss: float | None = None

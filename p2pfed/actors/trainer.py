@@ -35,7 +35,7 @@ from p2pfed.actors.messages import (
     TakeCheckpoint,
 )
 from p2pfed.batching import BatchController
-from p2pfed.config import Config, Profile
+from p2pfed.config import Config, Profile, TrainingConfig
 from p2pfed.data import Corpus
 from p2pfed.errors import UserError
 from p2pfed.model import build_model
@@ -44,9 +44,20 @@ from p2pfed.ranks import RankGroup, share_of
 if TYPE_CHECKING:
     from p2pfed.privacy import PeerPrivacy
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "learning_rate"]
 
 _TIME_PIECES = 8  # training.share_by time: passes per expected share, at least (Trainer._compute_for)
+
+
+def learning_rate(t: TrainingConfig, step: int) -> float:
+    """AdamW's lr for the step that starts at `step` (0-based): a linear warmup over warmup_steps, then constant or
+    a cosine/linear decay from lr at the end of warmup to min_lr_ratio x lr at max_steps (and there after it)."""
+    lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
+    if t.lr_schedule == "constant" or t.max_steps is None:
+        return lr
+    progress = min(1.0, max(0.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)))
+    left = 0.5 * (1.0 + math.cos(math.pi * progress)) if t.lr_schedule == "cosine" else 1.0 - progress
+    return lr * (t.min_lr_ratio + (1.0 - t.min_lr_ratio) * left)
 
 
 class Trainer(Actor):
@@ -416,8 +427,7 @@ class Trainer(Actor):
                 p.copy_(start)
 
     def _set_lr(self, step: int) -> None:
-        t = self.cfg.training
-        lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
+        lr = learning_rate(self.cfg.training, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -435,9 +445,7 @@ class Trainer(Actor):
                 offset += n
             if t.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
-            lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            self._set_lr(step)
             self.optimizer.step()
             self.fingerprint = self._fingerprint()
             self.step = step + 1
