@@ -172,9 +172,9 @@ class Peer:
     async def _swarm_size(self) -> tuple[int, int]:
         """(unfinished peers, peers ready to average) of the run, this one included, as last read from the DHT. A
         read older than the announce period starts a new one in the background, so the round loop never waits on
-        the DHT (only the very first read is awaited). The averager's group size follows the ready count, so a round
-        starts as soon as every ready peer has joined it; a peer averages with nobody only when no other
-        unfinished peer is live."""
+        the DHT (only the very first read is awaited). The averager's group size follows the ready count of peers
+        not suspected of being gone, so a round starts as soon as every ready peer has joined it; a peer averages
+        with nobody only when no other unfinished peer has a live record, suspected or not."""
         stale = time.monotonic() - self._swarm_checked[0] > self.cfg.swarm.announce_every
         if stale and (self._swarm_refresh is None or self._swarm_refresh.done()):
             self._swarm_refresh = asyncio.ensure_future(self._refresh_swarm())
@@ -204,7 +204,10 @@ class Peer:
         if size != self._group_size:
             self.averager.tell(SetGroupSize(size))
             self._group_size = size
-        self._swarm_checked = (time.monotonic(), 1 + len(live), ready)
+        # Suspects count as unfinished: a peer steps alone only once no other unfinished peer has a live record. A
+        # member that missed one round (a stall on a loaded machine) is alive and announces itself again; stepping
+        # alone meanwhile would take this peer's parameters away from the swarm's. A dead one's record expires.
+        self._swarm_checked = (time.monotonic(), 1 + len(others), ready)
 
     def _no_shows(self, rnd: RoundResult) -> None:
         """A group smaller than the size asked for formed after averaging.matchmaking_time: the ready peers that did
