@@ -110,10 +110,15 @@ def test_peers_behind_nat_train_as_a_client_and_through_a_relay(launcher: Launch
     # and its slice's mean to the two others (1.5 vectors); the relay forwarded the client's half to peer 2 and the
     # mean coming back (one vector), which could reach peer 2 only through it. Nothing of peer 0's own went through
     # a relay.
+    # A round that failed on a loaded machine may have sent up to a round's bytes before it failed.
     vector = 4 * reports[0]["parameters"]
-    rounds = reports[1]["rounds_ok"]
-    assert reports[1]["bytes_sent"] == pytest.approx(rounds * vector, rel=0.02)
-    assert reports[0]["bytes_sent"] == pytest.approx(rounds * vector * 1.5, rel=0.02)
-    assert reports[2]["bytes_sent"] == pytest.approx(rounds * vector * 1.5, rel=0.02)
-    assert reports[0]["bytes_forwarded"] == pytest.approx(rounds * vector, rel=0.02)
+    rounds, failed = reports[1]["rounds_ok"], sum(r["rounds_failed"] for r in reports)
+
+    def per_round(value: int, share: float) -> None:
+        assert 0.98 * rounds * share * vector <= value <= 1.02 * (rounds + failed) * share * vector, (value, share)
+
+    per_round(reports[1]["bytes_sent"], 1.0)
+    per_round(reports[0]["bytes_sent"], 1.5)
+    per_round(reports[2]["bytes_sent"], 1.5)
+    per_round(reports[0]["bytes_forwarded"], 1.0)
     assert reports[1]["bytes_forwarded"] == reports[2]["bytes_forwarded"] == 0
