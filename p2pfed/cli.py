@@ -212,7 +212,6 @@ def peer(
     options = PeerOptions(
         initial_peers=list(initial_peers),
         identity_path=identity_path,
-        max_steps=max_steps,
         report_path=report_path,
         save_params=save_params,
         dump_grads=dump_grads,

@@ -78,7 +78,6 @@ _DUMP_ROUNDS = 3  # --dump-grads keeps the first few committed rounds only
 class PeerOptions:
     initial_peers: list[str] = field(default_factory=list)
     identity_path: str | None = None
-    max_steps: int | None = None
     report_path: str | None = None
     save_params: str | None = None
     dump_grads: str | None = None
@@ -95,10 +94,8 @@ class PeerOptions:
 
 class Peer:
     def __init__(self, cfg: Config, profile: Profile, options: PeerOptions) -> None:
-        if options.max_steps is not None and options.max_steps != cfg.training.max_steps:  # the lr schedule's end
-            cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": options.max_steps})})
         self.cfg, self.profile, self.opt = cfg, profile, options
-        self.max_steps = cfg.training.max_steps
+        self.max_steps = cfg.training.max_steps  # the run's last step (--max-steps lands here), for the lr schedule too
         self.ctx = options.context
         self.samples_per_s = 0.0
         self._last_loss: float | None = None
