@@ -12,10 +12,13 @@ One all-reduce of `vector` (flat fp32) under masks, with `inner` the plain all-r
    all-reduce of one-hot vectors carries them. Those 2 numbers per member are all it reveals in the clear.
 2. Quantize. Each member maps (w_i / sum(w)) x_i to integers in [-L, L], L = 2^(v-1) - 1, with stochastic rounding
    for v <= 16 (8 bits for uint8, 16 for fp16) and round-to-nearest for fp32's v = 32 - ceil(log2 n). The sum of n
-   such integers fits in b = v + ceil(log2 n) bits, so it is exact in Z_2^b (b = 32 for fp32).
+   such integers fits in b = v + ceil(log2 n) bits, so it is exact in Z_2^b (b = 32 for fp32). Stochastic rounding
+   works in integers: the value to 1/256 of a level, plus one private random byte (a ChaCha20 stream under a key of
+   this member's own), shifted down by 8 bits: unbiased, and a fraction of the cost of drawing a float per element.
 3. Mask. Each pair (i, j) derives a 32-byte key with X25519 + HKDF-SHA256, bound to the run (salt), the round's
    all-reduce tag (group id and phase) and the group's member list; ChaCha20 expands it into one mask per element.
-   The member with the smaller peer id adds the mask, the other subtracts it, modulo 2^b.
+   The member with the smaller peer id adds the mask, the other subtracts it, modulo 2^b. A ring of b <= 16 bits
+   takes 16 bits of keystream per element, a wider one 32.
 4. Sum. The butterfly all-reduce sums the masked elements modulo 2^b (compression/ring.py, b bits per element on
    the way to each reducer); the masks cancel, and each reducer decodes the exact sum of its slice's quantized
    updates, the weighted mean, and sends it back through the round's own codec (fp32, fp16 or uint8: the reply leg
@@ -28,6 +31,7 @@ random-k coordinates, PowerSGD's P and Q), since each all-reduce of a round goes
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -99,7 +103,8 @@ class SecureAggregation:
     def __init__(self, key: MaskKey, *, run: bytes, mask: bool = True, seed: int | None = None) -> None:
         self.key, self.run, self.mask = key, run, mask
         # Rounding noise is this peer's own: private, unless a test fixes the seed.
-        self._rng = np.random.default_rng(int.from_bytes(os.urandom(16), "little") if seed is None else seed)
+        private = os.urandom(32) if seed is None else hashlib.sha256(b"p2pfed-rounding" + str(seed).encode()).digest()
+        self._rounding = Cipher(algorithms.ChaCha20(private, bytes(16)), mode=None).encryptor()
 
     async def allreduce(
         self,
@@ -149,21 +154,24 @@ class SecureAggregation:
         out = torch.empty(numel, dtype=torch.int32)
         out_u32 = out.numpy().view(np.uint32)
         streams = self._streams(group, tag) if self.mask else []
-        zeros = np.zeros(4 * min(_CHUNK, max(numel, 1)), dtype=np.uint8)
-        keystream = np.empty(min(_CHUNK, max(numel, 1)), dtype=np.uint32)
+        size = min(_CHUNK, max(numel, 1))
+        keystream = np.empty(size, dtype=np.uint16 if bits <= 16 else np.uint32)  # uniform modulo 2^b either way
+        zeros = np.zeros(keystream.nbytes, dtype=np.uint8)
+        noise = np.empty(size if stochastic else 0, dtype=np.uint8)
         for start in range(0, numel, _CHUNK):
             stop = min(numel, start + _CHUNK)
-            if stochastic:  # |y| <= 2^15: fp32 still holds 8 bits below the integer part for the rounding noise
-                y = x[start:stop].mul(factor)
-                y.add_(torch.from_numpy(self._rng.random(y.numel(), dtype=np.float32))).floor_()
+            count = stop - start
+            if stochastic:  # |y| <= 2^15, so 256 y is an integer fp32 holds exactly: floor((256 y + u) / 256)
+                y = x[start:stop].mul(factor * 256.0).round_().to(torch.int32)
+                self._rounding.update_into(zeros[:count].data, noise[:count].data)
+                y.add_(torch.from_numpy(noise[:count])).bitwise_right_shift_(8)
             else:  # up to 2^31 levels: round in fp64
                 y = x[start:stop].double().mul_(factor).round_()
             y.clamp_(-levels, levels)  # the shared scale is rounded to fp32: keep the sum's range exact
             chunk = out_u32[start:stop]
             chunk[:] = y.to(torch.int32).numpy().view(np.uint32)  # two's complement: the value modulo 2^32
             for sign, encryptor in streams:
-                count = stop - start
-                encryptor.update_into(zeros[: 4 * count].data, keystream[:count].view(np.uint8).data)
+                encryptor.update_into(zeros[: keystream.itemsize * count].data, keystream[:count].view(np.uint8).data)
                 if sign > 0:
                     np.add(chunk, keystream[:count], out=chunk)
                 else:

@@ -106,6 +106,26 @@ def test_value_and_ring_bits_leave_room_for_the_sum_of_the_group() -> None:
         ring_bits(Ring(bits=8), 2)
 
 
+def test_stochastic_rounding_is_unbiased_and_private() -> None:
+    # 8-bit fixed point of values between levels: the mean over many roundings is the value itself, and two members'
+    # rounding noise differs even for the same value
+    group = Group(peers=[b"a"], publics=[MaskKey().public], me=0, tag=b"t")
+    x = torch.linspace(-3.0, 3.0, 1_000).repeat(400)  # 400 roundings of each value
+    factor = 127 / 3.0
+
+    def rounded(seed: int) -> torch.Tensor:
+        secure = SecureAggregation(MaskKey(), run=RUN, mask=False, seed=seed)
+        ring = secure.masked(x, factor=factor, levels=127, bits=9, stochastic=True, group=group, tag=b"r")
+        return torch.from_numpy(signed(ring, bits=9)).view(400, 1_000)
+
+    draws = rounded(1)
+    exact = x[:1_000].double() * factor
+    assert ((draws - exact).abs() < 1.0).all()  # floor or ceiling of each value, nothing else
+    assert (draws.mean(0) - exact).abs().max().item() < 0.1  # 400 draws: std of the mean <= 0.025
+    assert (draws.mean() - exact.mean()).abs().item() < 0.005  # no bias overall (std 0.0008)
+    assert not torch.equal(draws, rounded(2))
+
+
 def test_masked_mean_equals_the_unmasked_fixed_point_mean_bit_for_bit_in_groups_of_2_to_8() -> None:
     async def main() -> None:
         async with _members(8) as everyone:
