@@ -52,7 +52,7 @@ __all__ = ["Group", "MaskKey", "SecureAggregation", "ring_bits"]
 # inner(vector, codec, phase, reply=None): the plain all-reduce; `reply` is the codec the reduced slices come back in
 InnerAllReduce = Callable[..., Awaitable[torch.Tensor | None]]
 
-_CHUNK = 1 << 20  # elements quantized and masked at a time (bounds the float64 and keystream temporaries)
+_CHUNK = 1 << 18  # elements quantized and masked at a time: the float64 and keystream temporaries stay in cache
 _VALUE_BITS = {Fp16: 16, Uint8: 8}  # fp32 takes what is left of 32 bits
 
 

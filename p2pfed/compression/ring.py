@@ -93,7 +93,16 @@ class Ring(Compressor):
         np.bitwise_and(_u32(total), np.uint32(self.modulus_mask), out=_u32(total))
         if self.unit is None:
             return total
-        return torch.from_numpy((signed(total, bits=self.bits) * self.unit).astype(np.float32))
+        if self.bits > 24:  # sums beyond fp32's 24-bit integers: exact in fp64 first
+            return torch.from_numpy((signed(total, bits=self.bits) * self.unit).astype(np.float32))
+        # The reducer owns its sum: sign-extend it in place, then one fp32 pass (exact: |sum| < 2^23)
+        u, shift = _u32(total), np.uint32(32 - self.bits)
+        np.left_shift(u, shift, out=u)
+        values = u.view(np.int32)
+        np.right_shift(values, shift, out=values)
+        out = values.astype(np.float32)
+        out *= np.float32(self.unit)
+        return torch.from_numpy(out)
 
 
 def signed(total: torch.Tensor, *, bits: int) -> np.ndarray:
