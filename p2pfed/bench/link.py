@@ -11,7 +11,9 @@ peer can receive faster than the others send, so a round cannot end before every
 bytes: the ideal round time is bytes_sent_per_peer x 8 / rate. `link_efficiency` = that ideal time / the measured
 all-reduce time (median over rounds of the slowest peer), i.e. the share of the link's rate the averaging gets;
 `step_efficiency` is the same over the whole step (group formation included). `tcp_probe_mbit` is one raw TCP bulk
-send across the same link, for scale.
+send across the same link, for scale. `tcp_all_to_all_efficiency` is what raw TCP gets for the same bytes per peer,
+every peer sending its share to every other at once (median of 3), and `ratio_to_tcp` is the round's rate over
+that: how close the averaging comes to the transport under it.
 """
 
 from __future__ import annotations
@@ -44,16 +46,22 @@ def run_link(
                 n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport,
                 hosts=[net.address(i) for i in range(n_peers)], netns=net.names,
             )  # fmt: skip
+            sent = statistics.mean(statistics.mean(p["bytes_sent"]) for p in peers)
+            # The reference: raw TCP moving the same bytes per peer, all peers to all at once, over the same links
+            tcp_times = [t for t in (net.all_to_all_s(int(sent)) for _ in range(3)) if t is not None]
+            tcp_s = statistics.median(tcp_times) if tcp_times else None
         finally:
             interrupts.shield()
             net.destroy()
             left = net.leftovers()
     allreduce_s = statistics.median(max(r) for r in zip(*(p["allreduce_times"] for p in peers), strict=True))
     step_s = statistics.median(max(r) for r in zip(*(p["times"] for p in peers), strict=True))
-    sent = statistics.mean(statistics.mean(p["bytes_sent"]) for p in peers)
     ideal_s = sent * 8 / (rate_mbit * 1e6)
     return {
         "link_efficiency": ideal_s / allreduce_s,
+        "tcp_all_to_all_efficiency": ideal_s / tcp_s if tcp_s else None,
+        "ratio_to_tcp": tcp_s / allreduce_s if tcp_s else None,
+        "tcp_all_to_all_s": tcp_s,
         "step_efficiency": ideal_s / step_s,
         "allreduce_s": allreduce_s,
         "step_s": step_s,

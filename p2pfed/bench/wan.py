@@ -97,6 +97,51 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+# One peer of WanNet.all_to_all_s. Listen, say 'listening'; on 'connect', open a connection to every other peer and
+# send 1 MB on it (TCP's window opens, as on an averager's long-lived connections), say 'ready'; on 'go', send `size`
+# bytes to every other peer at once while receiving theirs, and print the seconds until every byte has arrived.
+_ALL_TO_ALL = """
+import socket, sys, threading, time
+me, addresses, size = int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3])
+others = [a for i, a in enumerate(addresses) if i != me]
+warm = 1 << 20
+server = socket.create_server((addresses[me], 5998), backlog=len(others))
+received, warmed = [], []
+def read(conn):
+    n = 0
+    while chunk := conn.recv(1 << 16):
+        n += len(chunk)
+        if n >= warm and len(chunk) > n - warm:
+            warmed.append(conn)
+    received.append(n - warm)
+def serve():
+    for _ in others:
+        threading.Thread(target=read, args=(server.accept()[0],)).start()
+threading.Thread(target=serve, daemon=True).start()
+print("listening", flush=True)
+sys.stdin.readline()
+conns = [socket.create_connection((a, 5998), 10) for a in others]
+for conn in conns:
+    conn.sendall(bytes(warm))
+while len(warmed) < len(others):
+    time.sleep(0.002)
+print("ready", flush=True)
+sys.stdin.readline()
+start = time.monotonic()
+def send(conn):
+    conn.sendall(bytes(size))
+    conn.shutdown(socket.SHUT_WR)
+senders = [threading.Thread(target=send, args=(c,)) for c in conns]
+for t in senders:
+    t.start()
+for t in senders:
+    t.join()
+while len(received) < len(others):
+    time.sleep(0.002)
+print(time.monotonic() - start, flush=True)
+"""
+
+
 class WanNet:
     """A hub namespace with a bridge and one rate-limited namespace per peer; `destroy()` removes all of them."""
 
@@ -195,6 +240,38 @@ class WanNet:
             srv.kill()
             srv.wait(timeout=CMD_TIMEOUT)
         return round(float(out), 2) if out.strip() else None
+
+    def all_to_all_s(self, total_bytes: int) -> float | None:
+        """Raw TCP for scale: every peer sends `total_bytes`, split evenly, to every other peer at once on connections
+        already open and used, and this is the seconds until the last peer has received all of its share (None if a
+        peer failed)."""
+        exe, n = ["ip", "netns", "exec"], len(self.names)
+        addresses = ",".join(self.address(i) for i in range(n))
+        size = str(max(1, total_bytes // (n - 1)))
+        procs = [
+            subprocess.Popen(
+                [*exe, ns, sys.executable, "-c", _ALL_TO_ALL, str(i), addresses, size],
+                stdin=PIPE, stdout=PIPE, text=True,
+            )  # fmt: skip
+            for i, ns in enumerate(self.names)
+        ]
+        try:  # each prints a line at each stage (or dies: EOF), and goes on when every peer has
+            for stage, word in (("listening", "connect"), ("ready", "go")):
+                if not all(p.stdout is not None and p.stdout.readline().strip() == stage for p in procs):
+                    return None
+                for p in procs:
+                    assert p.stdin is not None
+                    p.stdin.write(word + "\n")
+                    p.stdin.flush()
+            deadline = CMD_TIMEOUT + 4 * total_bytes * 8 / (self.rate_mbit * 1e6)
+            outs = [p.communicate(timeout=deadline)[0].strip() for p in procs]
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait(timeout=CMD_TIMEOUT)
+        return max(float(out) for out in outs) if all(outs) else None
 
     def destroy(self) -> None:
         for ns in reversed(self.created):
