@@ -251,7 +251,9 @@ class WanNet:
         procs = [
             subprocess.Popen(
                 [*exe, ns, sys.executable, "-c", _ALL_TO_ALL, str(i), addresses, size],
-                stdin=PIPE, stdout=PIPE, text=True,
+                stdin=PIPE,
+                stdout=PIPE,
+                text=True,
             )  # fmt: skip
             for i, ns in enumerate(self.names)
         ]
