@@ -138,6 +138,8 @@ for t in senders:
     t.join()
 while len(received) < len(others):
     time.sleep(0.002)
+if received != [size] * len(others):
+    sys.exit(f"received {received} bytes, expected {size} from each of {len(others)} peers")
 print(time.monotonic() - start, flush=True)
 """
 
