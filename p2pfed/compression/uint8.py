@@ -25,11 +25,10 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 
 from p2pfed.compression.base import (
     Compressor,
@@ -114,7 +113,7 @@ class Uint8(Compressor):
         return out[:numel]
 
 
-def _rounding_stream(seed: int, round: int) -> Any:
+def _rounding_stream(seed: int, round: int) -> CipherContext:
     """The ChaCha20 keystream of stochastic rounding's random bytes for (seed, round)."""
     key = hashlib.blake2b(f"uint8:{seed}:{round}".encode(), digest_size=32).digest()
     return Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
