@@ -31,6 +31,7 @@ random-k coordinates, PowerSGD's P and Q), since each all-reduce of a round goes
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import os
@@ -137,10 +138,11 @@ class SecureAggregation:
         if not scale > 0.0 or not math.isfinite(scale):
             return None if not math.isfinite(scale) else torch.zeros_like(x)
         levels = (1 << (value_bits - 1)) - 1
-        # 2-3. fixed point, then masks
-        masked = self.masked(
-            x, factor=mine * levels / scale, levels=levels, bits=bits, stochastic=value_bits <= 16, group=group,
-            tag=group.tag + phase.encode(),
+        # 2-3. fixed point, then masks: off the event loop, which meanwhile serves the members that send this peer
+        # their parts (numpy, torch and ChaCha20 release the GIL for the bulk of it)
+        masked = await asyncio.to_thread(
+            self.masked, x, factor=mine * levels / scale, levels=levels, bits=bits, stochastic=value_bits <= 16,
+            group=group, tag=group.tag + phase.encode(),
         )  # fmt: skip
         # 4. the exact sum in Z_2^b, decoded by each reducer and sent back in the round's codec
         reply = Fp32() if type(codec) is Fp32 else codec
