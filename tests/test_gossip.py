@@ -4,15 +4,17 @@ average shrinks round after round, and the peers end closer together than they s
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from p2pfed.config import load_config
 from p2pfed.model import build_model
-from p2pfed.report import max_param_divergence
 from tests.conftest import CPU_PROFILE, TINY, Launcher, wait_no_leftovers
 
 pytestmark = pytest.mark.slow
@@ -51,20 +53,23 @@ def test_gossip_pulls_different_inits_to_consensus(launcher: Launcher, tmp_path:
         assert gaps[-1] < gaps[0], gaps
         assert r["eval_loss"] < r["initial_eval_loss"] - 1.0
 
-    # Assert: against the plain-torch spread of the three initial models, the final spread is small.
+    # Assert: in plain torch, the peers end closer together than their initial models were: the largest L2 distance
+    # between two final models against the smallest between two initial ones. Pairs average at different moments
+    # and train on in between, so some distance remains (0.19-0.44 of the initial in one run); without averaging,
+    # models from different initializations never come closer than where they started. (The largest single
+    # coordinate's spread is too noisy a measure: 0.82 of the initial in a run whose L2 distances were at most 0.44.)
     cfg = load_config(TINY)
-    inits = [dict(build_model(cfg.model, vocab_size=256, seed=i).named_parameters()) for i in range(3)]
-    initial_spread = max(
-        float(
-            (
-                torch.stack([m[name].detach() for m in inits]).amax(0)
-                - torch.stack([m[name].detach() for m in inits]).amin(0)
-            ).max()
-        )
-        for name in inits[0]
-    )
-    final_spread = max_param_divergence([tmp_path / f"peer{i}.safetensors" for i in range(3)])
-    # pairs average at different moments and train on in between, so some spread remains; it must stay below
-    # where the peers started, while each peer's distance to its groups' averages fell by half or more (above)
-    assert final_spread is not None and final_spread < 0.8 * initial_spread, (final_spread, initial_spread)
+    inits = [
+        {k: v.detach() for k, v in build_model(cfg.model, vocab_size=256, seed=i).named_parameters()} for i in range(3)
+    ]
+    finals = [load_file(str(tmp_path / f"peer{i}.safetensors")) for i in range(3)]
+    assert all(set(f) == set(inits[0]) for f in finals)
+
+    def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+        return math.sqrt(sum(float(((a[k].float() - b[k].float()) ** 2).sum()) for k in a))
+
+    pairs = list(itertools.combinations(range(3), 2))
+    initial = min(distance(inits[i], inits[j]) for i, j in pairs)
+    final = max(distance(finals[i], finals[j]) for i, j in pairs)
+    assert final < 0.7 * initial, (final, initial)
     assert wait_no_leftovers(launcher) == []
