@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from p2pfed.compression import Compressor, Fp16, Fp32, Uint8
+from p2pfed.compression.base import RoundingBytes
 from p2pfed.compression.ring import Ring
 
 __all__ = ["Group", "MaskKey", "SecureAggregation", "ring_bits"]
@@ -105,7 +106,7 @@ class SecureAggregation:
         self.key, self.run, self.mask = key, run, mask
         # Rounding noise is this peer's own: private, unless a test fixes the seed.
         private = os.urandom(32) if seed is None else hashlib.sha256(b"p2pfed-rounding" + str(seed).encode()).digest()
-        self._rounding = Cipher(algorithms.ChaCha20(private, bytes(16)), mode=None).encryptor()
+        self._rounding = RoundingBytes(private)
 
     async def allreduce(
         self,
@@ -159,14 +160,11 @@ class SecureAggregation:
         size = min(_CHUNK, max(numel, 1))
         keystream = np.empty(size, dtype=np.uint16 if bits <= 16 else np.uint32)  # uniform modulo 2^b either way
         zeros = np.zeros(keystream.nbytes, dtype=np.uint8)
-        noise = np.empty(size if stochastic else 0, dtype=np.uint8)
         for start in range(0, numel, _CHUNK):
             stop = min(numel, start + _CHUNK)
             count = stop - start
             if stochastic:  # |y| <= 2^15, so 256 y is an integer fp32 holds exactly: floor((256 y + u) / 256)
-                y = x[start:stop].mul(factor * 256.0).round_().to(torch.int32)
-                self._rounding.update_into(zeros[:count].data, noise[:count].data)
-                y.add_(torch.from_numpy(noise[:count])).bitwise_right_shift_(8)
+                y = self._rounding.floor_(x[start:stop].mul(factor * 256.0).round_().to(torch.int32))
             else:  # up to 2^31 levels: round in fp64
                 y = x[start:stop].double().mul_(factor).round_()
             y.clamp_(-levels, levels)  # the shared scale is rounded to fp32: keep the sum's range exact

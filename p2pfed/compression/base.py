@@ -22,8 +22,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-__all__ = ["Compressor", "LinearCompressor", "Payload", "flat32", "keep_count", "seeded_generator"]
+__all__ = ["Compressor", "LinearCompressor", "Payload", "RoundingBytes", "flat32", "keep_count", "seeded_generator"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,29 @@ def unpack(payload: Payload, header: tuple[int, ...], *layout: tuple[Any, int]) 
         out.append(torch.from_numpy(array if array.flags.writeable else array.copy()))
         offset += array.nbytes
     return out
+
+
+class RoundingBytes:
+    """Stochastic rounding in integers, from a ChaCha20 stream under `key` (32 bytes):
+
+        rounding = RoundingBytes(key)
+        q = rounding.floor_(torch.round(256 * y).to(torch.int32))    # floor((256 y + u) / 256), u uniform in 0..255
+
+    y comes out floor(y) or floor(y) + 1, the latter with probability its fractional part (to 1/256): unbiased to
+    1/512, one keystream byte per element instead of a float draw. The stream goes on from call to call."""
+
+    def __init__(self, key: bytes) -> None:
+        self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+        self._noise = np.empty(0, dtype=np.uint8)
+
+    def floor_(self, q: torch.Tensor) -> torch.Tensor:
+        """In place on int32 `q` (256 y, rounded), returned."""
+        count = q.numel()
+        if self._noise.size < count:
+            self._noise = np.empty(count, dtype=np.uint8)
+        noise = self._noise[:count]
+        self._stream.update_into(bytes(count), noise.data)
+        return q.add_(torch.from_numpy(noise).view_as(q)).bitwise_right_shift_(8)
 
 
 def seeded_generator(seed: int, round: int, salt: str) -> torch.Generator:

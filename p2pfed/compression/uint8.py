@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 
 from p2pfed.compression.base import (
     Compressor,
     Payload,
+    RoundingBytes,
     check_choice,
     check_int,
     check_round,
@@ -81,17 +81,14 @@ class Uint8(Compressor):
         rows = max(1, _BLOCK // chunk)
         t = torch.empty(min(rows, chunks), chunk)
         q = torch.empty(min(rows, chunks), chunk, dtype=torch.int32)
-        noise = np.empty(q.numel() if stochastic else 0, dtype=np.uint8)
-        keystream = _rounding_stream(self.seed, round) if stochastic else None
+        rounding = RoundingBytes(_rounding_key(self.seed, round)) if stochastic else None
         for r0 in range(0, chunks, rows):
             r1 = min(chunks, r0 + rows)
             block_t, block_q = t[: r1 - r0], q[: r1 - r0]
             torch.sub(padded[r0:r1], low[r0:r1, None], out=block_t).mul_(steps[r0:r1, None]).round_()
             block_q.copy_(block_t)
-            if keystream is not None:  # floor((256 t + u) / 256), u uniform in 0..255
-                count = block_q.numel()
-                keystream.update_into(bytes(count), noise[:count].data)
-                block_q.add_(torch.from_numpy(noise[:count]).view_as(block_q)).bitwise_right_shift_(8)
+            if rounding is not None:  # floor((256 t + u) / 256), u uniform in 0..255
+                rounding.floor_(block_q)
             # The clamp only catches fp32 rounding at the ends of the range (t a hair above 255); it never cuts.
             block_q.clamp_(0, LEVELS)
             stop = min(numel, r1 * chunk)
@@ -113,7 +110,6 @@ class Uint8(Compressor):
         return out[:numel]
 
 
-def _rounding_stream(seed: int, round: int) -> CipherContext:
-    """The ChaCha20 keystream of stochastic rounding's random bytes for (seed, round)."""
-    key = hashlib.blake2b(f"uint8:{seed}:{round}".encode(), digest_size=32).digest()
-    return Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+def _rounding_key(seed: int, round: int) -> bytes:
+    """The key of stochastic rounding's random bytes for (seed, round)."""
+    return hashlib.blake2b(f"uint8:{seed}:{round}".encode(), digest_size=32).digest()
