@@ -93,13 +93,10 @@ class Ring(Compressor):
         np.bitwise_and(_u32(total), np.uint32(self.modulus_mask), out=_u32(total))
         if self.unit is None:
             return total
+        # The reducer owns its sum: sign-extended in place, then scaled in fp32 where that is exact (|sum| < 2^23)
+        values = _sign_extend_(_u32(total), self.bits)
         if self.bits > 24:  # sums beyond fp32's 24-bit integers: exact in fp64 first
-            return torch.from_numpy((signed(total, bits=self.bits) * self.unit).astype(np.float32))
-        # The reducer owns its sum: sign-extend it in place, then one fp32 pass (exact: |sum| < 2^23)
-        u, shift = _u32(total), np.uint32(32 - self.bits)
-        np.left_shift(u, shift, out=u)
-        values = u.view(np.int32)
-        np.right_shift(values, shift, out=values)
+            return torch.from_numpy((values.astype(np.float64) * self.unit).astype(np.float32))
         out = values.astype(np.float32)
         out *= np.float32(self.unit)
         return torch.from_numpy(out)
@@ -107,9 +104,16 @@ class Ring(Compressor):
 
 def signed(total: torch.Tensor, *, bits: int) -> np.ndarray:
     """Ring elements (int32 carrying values in [0, 2^b)) as the signed integers they stand for, in fp64 (exact)."""
-    shift = 32 - bits
-    u = _u32(total)
-    return ((u << np.uint32(shift)).view(np.int32) >> shift).astype(np.float64)  # the top ring bit is the sign
+    return _sign_extend_(_u32(total).copy(), bits).astype(np.float64)
+
+
+def _sign_extend_(u: np.ndarray, bits: int) -> np.ndarray:
+    """Elements of Z_2^b (uint32, in place) as signed int32: the top ring bit is the sign. Returns the int32 view."""
+    shift = np.uint32(32 - bits)
+    np.left_shift(u, shift, out=u)
+    values = u.view(np.int32)
+    np.right_shift(values, shift, out=values)
+    return values
 
 
 def _u32(t: torch.Tensor) -> np.ndarray:
