@@ -97,53 +97,6 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-# One peer of WanNet.all_to_all_s. Listen, say 'listening'; on 'connect', open a connection to every other peer and
-# send 1 MB on it (TCP's window opens, as on an averager's long-lived connections), say 'ready'; on 'go', send `size`
-# bytes to every other peer at once while receiving theirs, and print the seconds until every byte has arrived.
-_ALL_TO_ALL = """
-import socket, sys, threading, time
-me, addresses, size = int(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3])
-others = [a for i, a in enumerate(addresses) if i != me]
-warm = 1 << 20
-server = socket.create_server((addresses[me], 5998), backlog=len(others))
-received, warmed = [], []
-def read(conn):
-    n = 0
-    while chunk := conn.recv(1 << 16):
-        n += len(chunk)
-        if n >= warm and len(chunk) > n - warm:
-            warmed.append(conn)
-    received.append(n - warm)
-def serve():
-    for _ in others:
-        threading.Thread(target=read, args=(server.accept()[0],)).start()
-threading.Thread(target=serve, daemon=True).start()
-print("listening", flush=True)
-sys.stdin.readline()
-conns = [socket.create_connection((a, 5998), 10) for a in others]
-for conn in conns:
-    conn.sendall(bytes(warm))
-while len(warmed) < len(others):
-    time.sleep(0.002)
-print("ready", flush=True)
-sys.stdin.readline()
-start = time.monotonic()
-def send(conn):
-    conn.sendall(bytes(size))
-    conn.shutdown(socket.SHUT_WR)
-senders = [threading.Thread(target=send, args=(c,)) for c in conns]
-for t in senders:
-    t.start()
-for t in senders:
-    t.join()
-while len(received) < len(others):
-    time.sleep(0.002)
-if received != [size] * len(others):
-    sys.exit(f"received {received} bytes, expected {size} from each of {len(others)} peers")
-print(time.monotonic() - start, flush=True)
-"""
-
-
 class WanNet:
     """A hub namespace with a bridge and one rate-limited namespace per peer; `destroy()` removes all of them."""
 
@@ -252,14 +205,14 @@ class WanNet:
         size = str(max(1, total_bytes // (n - 1)))
         procs = [
             subprocess.Popen(
-                [*exe, ns, sys.executable, "-c", _ALL_TO_ALL, str(i), addresses, size],
+                [*exe, ns, sys.executable, "-m", "p2pfed.bench.all_to_all", str(i), addresses, size],
                 stdin=PIPE,
                 stdout=PIPE,
                 text=True,
             )  # fmt: skip
             for i, ns in enumerate(self.names)
         ]
-        try:  # each prints a line at each stage (or dies: EOF), and goes on when every peer has
+        try:  # each says a word at each stage (or dies: EOF), and goes on when every peer has (bench/all_to_all.py)
             for stage, word in (("listening", "connect"), ("ready", "go")):
                 if not all(p.stdout is not None and p.stdout.readline().strip() == stage for p in procs):
                     return None
