@@ -28,6 +28,13 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 CPU_PROFILE = str(ROOT / "peers" / "local-cpu.yaml")
 
 
+def netns_works() -> bool:
+    """Whether this process may create network namespaces (root, with `ip netns` working)."""
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, timeout=10).returncode == 0
+
+
 def describe(pid: int) -> str:
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

@@ -12,8 +12,6 @@ NAT without port forwarding); without root, on loopback (where the same paths ar
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,25 +22,18 @@ import pytest
 from p2pfed.bench.wan import WanNet
 from p2pfed.errors import UserError
 from p2pfed.report import max_param_divergence
-from tests.conftest import CPU_PROFILE, TINY, Launcher, PeerProcess, wait_no_leftovers
+from tests.conftest import CPU_PROFILE, TINY, Launcher, PeerProcess, netns_works, wait_no_leftovers
 
 pytestmark = pytest.mark.slow
 
 STEPS = 30
 
 
-def _netns_works() -> bool:
-    if os.geteuid() != 0:
-        return False
-    probe = subprocess.run(["ip", "netns", "list"], capture_output=True, timeout=10)
-    return probe.returncode == 0
-
-
 @contextmanager
 def _net(blocked: tuple[int, ...]) -> Iterator[WanNet | None]:
     """Three namespaces on a bridge (1 Gbit/s links), the `blocked` ones unreachable from outside; None without
     root."""
-    if not _netns_works():
+    if not netns_works():
         yield None
         return
     wan = WanNet(3, rate_mbit=1000.0)

@@ -6,24 +6,16 @@ every byte and never beats the links' rate, so `bench link`'s raw TCP reference 
 
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 
 from p2pfed.bench.wan import WanNet
 from p2pfed.errors import UserError
+from tests.conftest import netns_works
 
 RATE_MBIT = 40.0
 
 
-def _netns_works() -> bool:
-    if os.geteuid() != 0:
-        return False
-    return subprocess.run(["ip", "netns", "list"], capture_output=True, timeout=10).returncode == 0
-
-
-@pytest.mark.skipif(not _netns_works(), reason="network namespaces need root")
+@pytest.mark.skipif(not netns_works(), reason="network namespaces need root")
 def test_a_raw_tcp_all_to_all_across_the_emulated_links_stays_under_their_rate() -> None:
     net = WanNet(3, RATE_MBIT)
     try:
