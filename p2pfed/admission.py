@@ -87,6 +87,8 @@ class Admission:
         self.key = key
         self.allow, self.revoke = frozenset(allow), frozenset(revoke)
         self._mac_key = _derive(key, b"admit") if key is not None else b""
+        # direct TCP averaging connections are sealed under this one (p2pfed/channel.py: SealedChannel)
+        self.seal_key = _derive(key, b"tcp") if key is not None else None
 
     @classmethod
     def from_config(cls, privacy: PrivacyConfig) -> Admission | None:

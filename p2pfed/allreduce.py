@@ -166,7 +166,11 @@ class SwarmAverager(DecentralizedAverager):
     def _get_butterfly(self) -> Butterfly:
         if self._butterfly is None:
             self._butterfly = Butterfly(
-                self._p2p, name=f"{self.prefix}.part", chunk_timeout=self._chunk_timeout, on_forwarded=self._forwarded
+                self._p2p,
+                name=f"{self.prefix}.part",
+                chunk_timeout=self._chunk_timeout,
+                on_forwarded=self._forwarded,
+                seal_key=self._admission.seal_key if self._admission is not None else None,
             )
         return self._butterfly
 

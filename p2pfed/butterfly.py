@@ -18,7 +18,8 @@ Wire format, little-endian. Request: magic "P2PF", tag length u16, tag, sender i
 payload per piece (a pull for a broadcast: magic "P2PB", tag, sender, weight 0, seconds to wait f64). Reply, per
 piece: status u8 (0 ok, 1 error), then a payload (ok) or a UTF-8 reason (error), u32 length first. A
 payload is its header-int count u8, the int32 header ints, the data length u64, and the data. Bytes are counted on
-the wire in both directions, per remote peer.
+the wire in both directions, per remote peer. On direct TCP in a run with a swarm key, all of it travels inside
+sealed records (p2pfed/channel.py: SealedChannel), and a connection that does not open sealed is refused.
 
 Why not hivemind's AllReduceRunner: it wraps every chunk in protobuf messages, tolerates missing members by keeping
 a peer's own values, and its compression is fixed to hivemind's codecs (see docs/BENCHMARKS.md, B1).
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from hivemind.p2p import P2P, PeerID
 
-from p2pfed.channel import Channel, SocketChannel, StreamChannel
+from p2pfed.channel import SEALED, Channel, SealedChannel, SocketChannel, StreamChannel, Unsealed
 from p2pfed.compression import Compressor, Payload
 from p2pfed.pieces import ButterflyStats, PartFailed, Slice, piece_round, piece_sizes
 from p2pfed.relay import Forwarder
@@ -74,9 +75,16 @@ class Butterfly:
     """Runs this peer's all-reduces and serves its slices. One per process, on the process's event loop."""
 
     def __init__(
-        self, p2p: P2P, *, name: str, chunk_timeout: float = 10.0, on_forwarded: Callable[[int], None] | None = None
+        self,
+        p2p: P2P,
+        *,
+        name: str,
+        chunk_timeout: float = 10.0,
+        on_forwarded: Callable[[int], None] | None = None,
+        seal_key: bytes | None = None,
     ) -> None:
-        self.p2p, self.name = p2p, name
+        """`seal_key`: direct TCP connections, both ways, are sealed under it (a run with a swarm key)."""
+        self.p2p, self.name, self.seal_key = p2p, name, seal_key
         self._slices: dict[bytes, asyncio.Future[Slice]] = {}
         self._handlers: set[asyncio.Future[None]] = set()  # streams being served from the TCP listener
         self._accepting: asyncio.Future[None] | None = None
@@ -320,7 +328,8 @@ class Butterfly:
     async def _open(self, peer: PeerID, routes: Routes | None) -> Channel:
         endpoint = routes.get(peer) if routes else None
         if endpoint is not None:
-            return await SocketChannel.connect(*endpoint, timeout=self.chunk_timeout)
+            channel = await SocketChannel.connect(*endpoint, timeout=self.chunk_timeout)
+            return channel if self.seal_key is None else await SealedChannel.dial(channel, self.seal_key)
         relay = self.via.get(peer)
         if relay is not None:
             reader, writer = await self.forwarder.open(relay, peer)
@@ -337,9 +346,28 @@ class Butterfly:
                 logger.warning("averaging.transport tcp: accept failed: %s", e)
                 await asyncio.sleep(0.5)
                 continue
-            handler = asyncio.ensure_future(self._handle(SocketChannel(conn, timeout=self.chunk_timeout)))
+            handler = asyncio.ensure_future(self._handle_tcp(conn))
             self._handlers.add(handler)
             handler.add_done_callback(self._handlers.discard)
+
+    async def _handle_tcp(self, conn: socket.socket) -> None:
+        """A direct TCP connection; with a seal key, one that does not open sealed is refused with one line."""
+        channel: Channel = SocketChannel(conn, timeout=self.chunk_timeout)
+        if self.seal_key is not None:
+            try:
+                host, port = conn.getpeername()[:2]
+                where = f"{host}:{port}"
+            except OSError:
+                where = "a closed connection"
+            try:
+                if await channel.read_exactly(len(SEALED)) != SEALED:
+                    raise PartFailed("it is not sealed (the sender has no privacy.swarm_key?)")
+                channel = await SealedChannel.accept(channel, self.seal_key)
+            except (PartFailed, OSError) as e:
+                logger.warning("refused a direct TCP averaging connection from %s: %s", where, e)
+                channel.close()
+                return
+        await self._handle(channel)
 
     async def _handle_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._handle(StreamChannel(reader, writer, timeout=self.chunk_timeout), remote=info.peer_id)
@@ -354,6 +382,9 @@ class Butterfly:
         peer libp2p authenticated for the stream (None on direct TCP), which must be a member of the group."""
         try:
             kind = await channel.read_exactly(4)
+            if kind == SEALED:
+                logger.warning("refused a sealed averaging connection: this peer has no privacy.swarm_key")
+                return
             if kind not in (_MAGIC, _PULL):
                 return  # not a p2pfed stream: drop it without a word
             (tag_len,) = _U16.unpack(await channel.read_exactly(_U16.size))
@@ -399,7 +430,10 @@ class Butterfly:
             await channel.linger()  # p2pd may drop a reply's last bytes when the reducer's end closes first
         except (TimeoutError, PartFailed, OSError, struct.error) as e:
             reason = str(e) or type(e).__name__
-            logger.debug("part not reduced: %s", reason)
+            if isinstance(e, Unsealed):  # bytes from a process without the swarm's key, or altered on the way
+                logger.warning("refused a direct TCP averaging connection: %s", reason)
+            else:
+                logger.debug("part not reduced: %s", reason)
             try:
                 blob = reason.encode()[: 1 << 16]
                 await channel.send(b"\x01" + _U32.pack(len(blob)) + blob)

@@ -2,6 +2,8 @@
 
     channel = StreamChannel(reader, writer, timeout=10.0)    # a libp2p stream (asyncio reader/writer pair)
     channel = SocketChannel(sock, timeout=10.0)              # averaging.transport=tcp: a connected socket
+    channel = await SealedChannel.dial(channel, key)         # ... sealed with the swarm's key (privacy.swarm_key)
+    channel = await SealedChannel.accept(channel, key)       # the listening side, after it read SEALED
     head = await channel.read_exactly(13)
     await channel.read_into(memoryview_of_a_tensor)          # large data lands where it is used
     await channel.send(b"header", memoryview_of_a_tensor)    # and leaves from where it lives
@@ -10,17 +12,34 @@ Every read and write has its own deadline of `timeout` seconds (slow links move 
 within it); a stream that closes early or stalls raises PartFailed, which the all-reduce records as the round's
 reason. SocketChannel reads straight into the caller's memory with recv_into and writes straight out of it, so on
 the direct TCP transport a byte is copied only by the kernel; StreamChannel goes through asyncio's stream buffer.
+
+SealedChannel carries a direct TCP connection of a run with a swarm key: libp2p streams are encrypted and
+authenticated by libp2p, direct TCP is not. The dialer sends SEALED and a random 16-byte nonce, the listener answers
+with its own; each direction then has its own AES-256-GCM key, derived (HKDF-SHA256) from the swarm key and the
+nonces. Bytes travel in records of at most IO_CHUNK bytes: length (u32, authenticated as associated data), then
+ciphertext and tag, under a nonce that counts records, so a record that was altered, dropped, reordered or sealed
+under another key fails the read with a reason. The listener's nonce makes its replies fresh per connection; a
+replayed dialer's stream can only repeat a part the round already has, which fails that round (as any on-path
+attacker can by cutting the connection) and never reaches a model. AES-GCM rather than ChaCha20: the CPUs averagers
+run on have AES instructions (about 3 GB/s against 1.8 for ChaCha20-Poly1305 on this machine).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import struct
 from abc import ABC, abstractmethod
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from p2pfed.pieces import PartFailed
 
-__all__ = ["IO_CHUNK", "Channel", "SocketChannel", "StreamChannel"]
+__all__ = ["IO_CHUNK", "SEALED", "Channel", "SealedChannel", "SocketChannel", "StreamChannel", "Unsealed"]
 
 IO_CHUNK = 1 << 20  # bytes per write call: each chunk has its own deadline, so a slow link fails only when it stalls
 
@@ -149,3 +168,117 @@ class SocketChannel(Channel):
 
     def close(self) -> None:
         self.sock.close()
+
+
+SEALED = b"P2PS"  # the first bytes of a sealed connection
+
+
+class Unsealed(PartFailed):
+    """Bytes on a sealed channel that are not sealed with this swarm's key (another key, or altered on the way)."""
+
+
+_NONCE = 16  # bytes of each side's handshake nonce
+_TAG = 16  # AES-GCM tag
+_LENGTH = struct.Struct("<I")
+
+
+class SealedChannel(Channel):
+    """Another channel's bytes in authenticated, encrypted records (see the module's docstring)."""
+
+    def __init__(
+        self, inner: Channel, *, send_key: bytes, receive_key: bytes | None, dialed: tuple[bytes, bytes] | None = None
+    ) -> None:
+        """`receive_key` None: a dialer's, derived from `dialed` (the swarm's seal key, this side's nonce) when the
+        listener's nonce arrives."""
+        super().__init__(timeout=inner.timeout)
+        self.inner = inner
+        self._send = AESGCM(send_key)
+        self._receive = AESGCM(receive_key) if receive_key is not None else None
+        self._dialed = dialed
+        self._sent = self._received = 0  # records so far, each direction: the nonces
+        self._out = bytearray(IO_CHUNK + _TAG)  # the record being sent (sends and reads run concurrently)
+        self._in = bytearray(IO_CHUNK + _TAG)  # the record being read
+        self._plain = memoryview(bytearray(IO_CHUNK))  # a record's plaintext that the reader has not taken yet
+        self._plain_at = self._plain_end = 0
+
+    @staticmethod
+    def _key(key: bytes, dialer: bytes, listener: bytes | None = None) -> bytes:
+        """The dialer -> listener key (from the dialer's nonce alone: the dialer sends at once) or, with the
+        listener's nonce, the listener -> dialer key."""
+        salt = dialer if listener is None else dialer + listener
+        info = b"p2pfed-tcp-seal out" if listener is None else b"p2pfed-tcp-seal back"
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(key)
+
+    @classmethod
+    async def dial(cls, inner: Channel, key: bytes) -> SealedChannel:
+        """The dialing side: says SEALED and its nonce, and may send at once; the listener's nonce comes before the
+        first reply."""
+        mine = os.urandom(_NONCE)
+        await inner.send(SEALED + mine)
+        return cls(inner, send_key=cls._key(key, mine), receive_key=None, dialed=(key, mine))
+
+    @classmethod
+    async def accept(cls, inner: Channel, key: bytes) -> SealedChannel:
+        """The listening side, after it read SEALED: reads the dialer's nonce and answers with its own."""
+        theirs = await inner.read_exactly(_NONCE)
+        mine = os.urandom(_NONCE)
+        await inner.send(mine)
+        return cls(inner, send_key=cls._key(key, theirs, mine), receive_key=cls._key(key, theirs))
+
+    async def send(self, *chunks: bytes | bytearray | memoryview) -> None:
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            for start in range(0, len(view), IO_CHUNK):
+                part = view[start : start + IO_CHUNK]
+                head = _LENGTH.pack(len(part))
+                record = memoryview(self._out)[: len(part) + _TAG]
+                self._send.encrypt_into(_nonce(self._sent), part, head, record)
+                self._sent += 1
+                await self.inner.send(head, record)
+
+    async def read_into(self, view: memoryview) -> None:
+        pos = 0
+        while pos < len(view):
+            if self._plain_at < self._plain_end:  # what the last record left over
+                n = min(len(view) - pos, self._plain_end - self._plain_at)
+                view[pos : pos + n] = self._plain[self._plain_at : self._plain_at + n]
+                self._plain_at += n
+                pos += n
+                continue
+            if self._receive is None:  # a dialer's first read: the listener's nonce, then the key back
+                assert self._dialed is not None
+                key, mine = self._dialed
+                self._receive = AESGCM(self._key(key, mine, await self.inner.read_exactly(_NONCE)))
+            head = await self.inner.read_exactly(_LENGTH.size)
+            (length,) = _LENGTH.unpack(head)
+            if length > IO_CHUNK:
+                raise Unsealed("a sealed record is over the size limit: not sealed with this swarm's key")
+            record = memoryview(self._in)[: length + _TAG]
+            await self.inner.read_into(record)
+            whole = len(view) - pos >= length  # a whole record lands in the caller's memory, a part of one is kept
+            into = view[pos : pos + length] if whole else self._plain[:length]
+            try:
+                self._receive.decrypt_into(_nonce(self._received), record, head, into)
+            except InvalidTag:
+                raise Unsealed("a record failed authentication: not sealed with this swarm's key") from None
+            self._received += 1
+            if whole:
+                pos += length
+            else:
+                self._plain_at, self._plain_end = 0, length
+
+    @property
+    def records_read(self) -> int:
+        """Records read and authenticated so far."""
+        return self._received
+
+    async def linger(self) -> None:
+        await self.inner.linger()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _nonce(count: int) -> bytes:
+    """A record's AES-GCM nonce: its number in its direction (each direction and connection has its own key)."""
+    return count.to_bytes(12, "little")

@@ -679,13 +679,20 @@ def bench_hivemind_peer(
 )
 @click.option("--transport", type=click.Choice(["libp2p", "tcp"]), default="libp2p", show_default=True,
               help="how the averagers exchange parts (averaging.transport)")  # fmt: skip
+@click.option("--sealed", is_flag=True, help="with --transport tcp: seal the connections with a swarm key")
 @click.option("--json", "as_json", is_flag=True, help="print JSON: p2pfed_s, gloo_s, ratio")
 @user_errors
-def bench_allreduce(n_peers: int, numel: int, rounds: int, compression: str, transport: str, as_json: bool) -> None:
+def bench_allreduce(
+    n_peers: int, numel: int, rounds: int, compression: str, transport: str, sealed: bool, as_json: bool
+) -> None:
     """Time one averaging round of an fp32 tensor across local peers vs torch.distributed gloo all_reduce."""
     from p2pfed.bench.allreduce import run_bench
 
-    result = run_bench(n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport)
+    if sealed and transport != "tcp":
+        raise UserError("--sealed seals direct TCP connections (libp2p streams are sealed anyway): add --transport tcp")
+    result = run_bench(
+        n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport, sealed=sealed
+    )
     if as_json:
         click.echo(json.dumps(result))
     else:

@@ -186,8 +186,9 @@ class AveragingConfig(_Section):
     transport: Literal["libp2p", "tcp"] = Field(
         "libp2p",
         description="how averaging bytes travel: 'libp2p' (encrypted streams through the p2p daemon, reachable "
-        "behind NAT) or 'tcp' (direct unencrypted TCP between averagers, several times faster: for sites joined by "
-        "a private network or VPN); peers without a TCP endpoint are still reached over libp2p",
+        "behind NAT) or 'tcp' (direct TCP between averagers, several times faster; sealed with AES-GCM when the run "
+        "has privacy.swarm_key, else unencrypted: for a private network or VPN); peers without a TCP endpoint are "
+        "still reached over libp2p",
     )
     tcp_port: int = Field(0, ge=0, le=65535, description="transport tcp: port the averager listens on (0: any)")
     max_update_norm: float | None = Field(

@@ -1,6 +1,7 @@
 """Swarm admission (p2pfed/admission.py): a peer with the wrong swarm key, given the right bootstrap address, never
-takes part in a round and never receives another peer's update, while the two keyed peers train together; the
-keyed peers' logs say why in one line. Also: key files, tokens and the lists, and sealed DHT records.
+takes part in a round and never receives another peer's update, while the two keyed peers train together (one of
+them taking its parts on direct TCP, sealed with the key); the keyed peers' logs say why in one line. Also: key
+files, tokens and the lists, and sealed DHT records.
 
 .venv/bin/python -m pytest -q tests/test_admission.py
 """
@@ -77,7 +78,11 @@ def test_a_peer_without_the_key_never_joins_a_round(launcher: Launcher, tmp_path
     assert keyed.wait(timeout=60) == 0, keyed.stderr()
     (run,) = [r for r in json.loads(keyed.stdout()) if r["run_id"] == "tiny"]
     assert [p["epsilon"] for p in run["peers"]] == [0.0]  # a alone, private, no step yet; never c
-    b = peer("b", good, "--set", "swarm.min_peers=2", "--set", "privacy.dp=true", "--initial-peers", address)
+    # b takes parts on direct TCP (sealed with the key), a over libp2p: both ways are covered
+    b = peer(
+        "b", good, "--set", "swarm.min_peers=2", "--set", "privacy.dp=true", "--set", "averaging.transport=tcp",
+        "--initial-peers", address,
+    )  # fmt: skip
     for proc in (a, b, c):
         assert proc.wait(timeout=300) == 0, proc.stderr()[-3000:]  # type: ignore[attr-defined]
 

@@ -30,10 +30,11 @@ _ABSENT_PEER = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWQzfeUBkc1WVAFp3wfB8DkVx34YpUJsK
         (["peer", "--config", TINY, "--profile", "RELAYED"], "needs --initial-peers"),
         (["peer", "--config", TINY, "--profile", "BOTH"], "client_mode and relay exclude each other"),
         (["peer", "--config", TINY, "--set", "training.lr_schedule=cosine"], "--max-steps"),
+        (["bench", "allreduce", "--sealed"], "--transport tcp"),
     ],
     ids=[
         "malformed", "no-peer-id", "unreachable", "unknown-key", "bad-value", "missing-config", "swarm-key", "status",
-        "relay-alone", "relay-and-client", "schedule-without-end",
+        "relay-alone", "relay-and-client", "schedule-without-end", "sealed-without-tcp",
     ],
 )  # fmt: skip
 def test_bad_input_exits_with_one_line(launcher: Launcher, tmp_path: Path, args: list[str], expected: str) -> None:

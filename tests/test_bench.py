@@ -13,11 +13,12 @@ from tests.conftest import TINY, Launcher, wait_no_leftovers
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("transport", ["libp2p", "tcp"])
+@pytest.mark.parametrize("transport", ["libp2p", "tcp-sealed"])
 def test_bench_allreduce_json(launcher: Launcher, tmp_path: Path, transport: str) -> None:
+    # direct TCP runs sealed with a swarm key here (unsealed, it is the same path less the records: test_butterfly)
+    how = ["--transport", "tcp", "--sealed"] if transport == "tcp-sealed" else ["--transport", transport]
     bench = launcher.start(
-        "bench", "allreduce", "--peers", "2", "--numel", "100000", "--rounds", "2", "--transport", transport, "--json",
-        name="bench",
+        "bench", "allreduce", "--peers", "2", "--numel", "100000", "--rounds", "2", *how, "--json", name="bench",
     )  # fmt: skip
     assert bench.wait(timeout=240) == 0, bench.stderr()[-3000:]
 
@@ -28,6 +29,7 @@ def test_bench_allreduce_json(launcher: Launcher, tmp_path: Path, transport: str
     assert 0 < result["allreduce_s"] <= result["p2pfed_s"]  # the data path is part of the whole step
     assert result["allreduce_ratio"] == pytest.approx(result["allreduce_s"] / result["gloo_s"], rel=1e-6)
     assert result["max_abs_error"] < 1e-5  # fp32 all-reduce of N(0,1) data: the exact mean up to rounding
+    assert result["sealed"] == (transport == "tcp-sealed")
     # butterfly all-reduce of 2 peers: each sends half its vector and returns half of its averaged slice
     assert result["bytes_sent_per_peer"] >= 4 * 100_000 * (2 - 1) / 2 * 2
     assert wait_no_leftovers(launcher) == []

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -53,6 +54,18 @@ async def _allreduce_all(
         if i not in absent
     ]
     return [mean for mean, _ in await asyncio.gather(*calls)]
+
+
+async def _serve_tcp(butterflies: Sequence[Butterfly]) -> tuple[list[socket.socket], dict[Any, tuple[str, int]]]:
+    """Each member also takes parts on a direct TCP listener on loopback: the listeners and the members' routes."""
+    sockets, routes = [], {}
+    for b in butterflies:
+        sock = socket.create_server(("127.0.0.1", 0))
+        sock.setblocking(False)
+        await b.serve_tcp(sock)
+        sockets.append(sock)
+        routes[b.p2p.peer_id] = ("127.0.0.1", sock.getsockname()[1])
+    return sockets, routes
 
 
 def _vectors(n: int, numel: int) -> list[torch.Tensor]:
@@ -99,13 +112,7 @@ def test_direct_tcp_routes_give_the_same_mean_without_the_p2p_daemon(monkeypatch
 
     async def main() -> None:
         async with _members(3) as butterflies:
-            sockets, routes = [], {}
-            for b in butterflies:
-                sock = socket.create_server(("127.0.0.1", 0))
-                sock.setblocking(False)
-                await b.serve_tcp(sock)
-                sockets.append(sock)
-                routes[b.p2p.peer_id] = ("127.0.0.1", sock.getsockname()[1])
+            sockets, routes = await _serve_tcp(butterflies)
             vectors, weights = _vectors(3, 100_003), [1.0, 2.0, 3.0]
             peers = [b.p2p.peer_id for b in butterflies]
             for codec, atol, width in ((Fp32(), 1e-6, 4), (Uint8(seed=3), 0.1, 1)):
@@ -345,3 +352,65 @@ def test_hierarchical_allreduce_is_the_flat_weighted_mean_and_only_delegates_cro
                     assert remote == {clouds[i]}
 
     _run(main())
+
+
+def test_direct_tcp_sealed_with_the_swarm_key_averages_and_refuses_other_keys_and_clear_bytes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: three members on direct TCP routes, each connection sealed with the run's key (privacy.swarm_key)
+    async def main() -> tuple[list[object], list[object], bool]:
+        async with _members(3) as butterflies:
+            for b in butterflies:
+                b.seal_key = bytes(range(32))
+            sockets, routes = await _serve_tcp(butterflies)
+            vectors, weights = _vectors(3, 300_007), [1.0, 2.0, 3.0]
+            peers = [b.p2p.peer_id for b in butterflies]
+
+            async def round_(tag: bytes, timeout: float) -> list[object]:
+                calls = [
+                    b.allreduce(
+                        tag,
+                        peers,
+                        i,
+                        v,
+                        weight=w,
+                        shares=[1, 1, 1],
+                        codec=Fp32(),
+                        round=1,
+                        timeout=timeout,
+                        routes=routes,
+                    )  # fmt: skip
+                    for i, (b, v, w) in enumerate(zip(butterflies, vectors, weights, strict=True))
+                ]
+                return [mean for mean, _ in await asyncio.gather(*calls)]
+
+            sealed = await round_(b"sealed", TIMEOUT)
+            butterflies[2].seal_key = bytes(32)  # a member whose key is not the swarm's
+            intruded = await round_(b"intruder", 3.0)
+            # a connection that does not open sealed, with a well-formed request
+            reader, writer = await asyncio.open_connection(*routes[peers[0]])
+            writer.write(b"P2PF" + b"\x00" * 16)
+            await writer.drain()
+            try:
+                closed = await asyncio.wait_for(reader.read(100), 5.0) == b""  # closed without a reply
+            except ConnectionResetError:
+                closed = True
+            writer.close()
+            for sock in sockets:
+                sock.close()
+            return sealed, intruded, closed
+
+    with caplog.at_level("WARNING", logger="p2pfed.butterfly"):
+        sealed, intruded, closed = _run(main())  # type: ignore[misc]
+
+    # Assert: sealed, the exact weighted mean; with another key in the group, nobody gets a mean (the intruder
+    # included), and the reducers say why in one line; clear bytes are refused without a reply
+    vectors = _vectors(3, 300_007)
+    for mean in sealed:
+        assert isinstance(mean, torch.Tensor)
+        assert_close(mean, _weighted_mean(vectors, [1.0, 2.0, 3.0]), atol=1e-6, rtol=0)
+    assert intruded == [None, None, None]
+    refusals = [r.getMessage() for r in caplog.records if "refused a direct TCP averaging connection" in r.getMessage()]
+    assert any("not sealed with this swarm's key" in m for m in refusals), refusals
+    assert any("it is not sealed" in m for m in refusals), refusals
+    assert closed

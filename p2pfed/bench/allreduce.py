@@ -1,6 +1,6 @@
 """Time one p2pfed averaging round against a torch.distributed gloo all_reduce, both measured in the same run.
 
-    p2pfed bench allreduce --peers 3 --numel 25000000 --rounds 3 [--compression NAME] [--transport tcp] [--json]
+    p2pfed bench allreduce --peers 3 --numel 25000000 --rounds 3 [--compression NAME] [--transport tcp [--sealed]]
 
 N local processes each hold a different fp32 tensor of `numel` elements and average it, first with p2pfed, then with
 gloo, so both figures come from the same machine under the same load:
@@ -10,7 +10,8 @@ gloo, so both figures come from the same machine under the same load:
   matchmaking, because one training round pays for it too; all peers start each round at a barrier, and the leader
   starts the all-reduce as soon as the group is full, so it is short. `allreduce_s` is the data path alone, from the
   formed group to the averaged result, and `allreduce_ratio` its ratio to gloo (whose group exists from the start).
-  With `--transport tcp` the parts travel over direct TCP between the averagers instead of libp2p streams.
+  With `--transport tcp` the parts travel over direct TCP between the averagers instead of libp2p streams, and with
+  `--sealed` those connections are sealed as in a run with a swarm key (AES-256-GCM records, p2pfed/channel.py).
 - gloo: `all_reduce(SUM)` and the division by N, over TCP on loopback.
 
 A round takes as long as its slowest peer; each figure is the median over `rounds` timed rounds, after one untimed
@@ -22,6 +23,7 @@ binds to 127.0.0.1 only.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import multiprocessing as mp
 import os
@@ -69,11 +71,15 @@ class _RoundFailed(RuntimeError):
     """A failure the bench detects itself; its message says it all, so no traceback goes with it."""
 
 
-def run_bench(*, n_peers: int, numel: int, rounds: int, compression: str, transport: str = "libp2p") -> dict[str, Any]:
+def run_bench(
+    *, n_peers: int, numel: int, rounds: int, compression: str, transport: str = "libp2p", sealed: bool = False
+) -> dict[str, Any]:
     """Run both sides with `n_peers` local processes and return the medians, their ratio and the p2pfed error."""
     ctx = mp.get_context("spawn")  # fork would copy this process's threads and torch state into every peer
     budget = 2 * STARTUP_TIMEOUT + (rounds + 1) * (GROUP_TIMEOUT + ALLREDUCE_TIMEOUT)
-    p2pfed = run_p2pfed_side(n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport)
+    p2pfed = run_p2pfed_side(
+        n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport, sealed=sealed
+    )
 
     # With init_method="tcp://127.0.0.1:PORT", rank 0's TCPStore would listen on every interface; handing it a socket
     # bound to loopback keeps the rendezvous there, and holding the port from here on means nobody can take it.
@@ -108,6 +114,7 @@ def run_bench(*, n_peers: int, numel: int, rounds: int, compression: str, transp
         "rounds": rounds,
         "compression": compression,
         "transport": transport,
+        "sealed": sealed,
     }
 
 
@@ -121,10 +128,11 @@ def run_p2pfed_side(
     hosts: Sequence[str] | None = None,
     netns: Sequence[str] | None = None,
     secure: bool = False,
+    sealed: bool = False,
 ) -> list[Result]:
     """p2pfed's side alone: one result per peer (times, all-reduce times, errors, bytes). Peer i listens on
     hosts[i] (default 127.0.0.1) and, when `netns` is given, runs inside network namespace netns[i]; `secure`
-    masks every round (privacy.secure_aggregation)."""
+    masks every round (privacy.secure_aggregation); `sealed` gives the peers a swarm key, which seals direct TCP."""
     from p2pfed.compression import COMPRESSORS
 
     if n_peers < 2 or numel < 1 or rounds < 1:
@@ -137,7 +145,7 @@ def run_p2pfed_side(
     maddr_queue: Queue[list[str]] = ctx.Queue()
     barrier = ctx.Barrier(n_peers)
     budget = 2 * STARTUP_TIMEOUT + (rounds + 1) * (GROUP_TIMEOUT + ALLREDUCE_TIMEOUT)
-    setup = Setup(n_peers, numel, rounds, compression, transport, prefix, secure)
+    setup = Setup(n_peers, numel, rounds, compression, transport, prefix, secure, sealed)
 
     def args_for(rank: int) -> tuple[Any, ...]:
         listen = f"/ip4/{hosts[rank]}/tcp/0" if hosts else LISTEN
@@ -160,6 +168,7 @@ class Setup:
     transport: str
     prefix: str
     secure: bool = False
+    sealed: bool = False
 
 
 def median_of_slowest(times_per_peer: Sequence[Sequence[float]]) -> float:
@@ -369,6 +378,7 @@ def _p2pfed_rounds(rank: int, setup: Setup, listen: str, maddr_queue: Queue[list
         setup.prefix,
     )
     from p2pfed.actors.discovery import start_dht
+    from p2pfed.admission import Admission
     from p2pfed.allreduce import SwarmAverager, listen_tcp
     from p2pfed.config import CompressionConfig
     from p2pfed.reductions import make_reduction
@@ -410,6 +420,8 @@ def _p2pfed_rounds(rank: int, setup: Setup, listen: str, maddr_queue: Queue[list
             ),
             tcp_socket=tcp[0] if tcp is not None else None,
             secure=SecureAggregation(key, run=prefix.encode()) if key is not None else None,
+            # a swarm key that every peer of this run derives alike
+            admission=Admission(hashlib.sha256(prefix.encode()).digest()) if setup.sealed else None,
             shutdown_timeout=5,
             start=False,
         )
