@@ -31,7 +31,7 @@ import asyncio
 import logging
 import socket
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,7 @@ from hivemind.p2p import P2P, PeerID
 
 from p2pfed.channel import SEALED, Channel, SealedChannel, SocketChannel, StreamChannel, Unsealed
 from p2pfed.compression import Compressor, Payload
-from p2pfed.pieces import ButterflyStats, PartFailed, Slice, piece_round, piece_sizes
+from p2pfed.pieces import ButterflyStats, PartFailed, ReducerFailed, Slice, piece_round, piece_sizes
 from p2pfed.relay import Forwarder
 from p2pfed.robust import Guard, Rule, all_finite
 
@@ -161,19 +161,23 @@ class Butterfly:
             mine.fail("this member reduces no part")
         try:
             exchanges = [
-                self._exchange(
+                _failing_slice(
+                    mine,
                     peers[j],
-                    tag,
-                    me,
-                    weight,
-                    parts[j],
-                    outs[j],
-                    codec=codec,
-                    round=round,
-                    stats=stats,
-                    routes=routes,
-                    reply_codec=replies,
-                    check_replies=guard is not None,
+                    self._exchange(
+                        peers[j],
+                        tag,
+                        me,
+                        weight,
+                        parts[j],
+                        outs[j],
+                        codec=codec,
+                        round=round,
+                        stats=stats,
+                        routes=routes,
+                        reply_codec=replies,
+                        check_replies=guard is not None,
+                    ),
                 )  # fmt: skip
                 if j != me and sizes[j] > 0
                 else self._own(mine, outs[j])
@@ -192,8 +196,9 @@ class Butterfly:
                 await asyncio.wait_for(mine.all_replied.wait(), self.chunk_timeout)
             except TimeoutError:
                 pass  # a sender that stopped reading only shortens the count
-        for j, r in enumerate(results):
-            if isinstance(r, PartFailed | OSError | asyncio.TimeoutError) and j < len(peers) and j != me:
+        for j, r in enumerate(results):  # a reducer that answered with an error is there: the culprit is elsewhere
+            gone = isinstance(r, PartFailed | OSError | asyncio.TimeoutError) and not isinstance(r, ReducerFailed)
+            if gone and j < len(peers) and j != me:
                 stats.unreachable.add(peers[j].to_base58())
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
@@ -305,7 +310,7 @@ class Butterfly:
                 if status != 0:
                     reason = await _read_blob(channel, limit=1 << 16)
                     stats.bytes_received += 4 + len(reason)
-                    raise PartFailed(f"reducer {remote[-6:]} failed: {reason.decode(errors='replace')}")
+                    raise ReducerFailed(f"reducer {remote[-6:]} failed: {reason.decode(errors='replace')}")
                 try:
                     _, n = await _read_piece(
                         channel, reply_codec or codec, dest.numel(), piece_round(round, index), into=dest
@@ -499,6 +504,18 @@ async def _read_piece(
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """The writable bytes of a contiguous fp32 CPU tensor (a view of its memory)."""
     return t.numpy().data.cast("B")
+
+
+async def _failing_slice(mine: Slice, peer: PeerID, exchange: Awaitable[None]) -> None:
+    """An exchange with reducer `peer`; when that member is gone (no stream, a stream cut, silence), this member's
+    own slice fails at once too: the gone member's part will not come, and the other senders hear so now rather than
+    when the round's deadline passes. A reducer that answered with an error is there, and fails nothing else."""
+    try:
+        await exchange
+    except (PartFailed, OSError, TimeoutError) as e:
+        if not isinstance(e, ReducerFailed):
+            mine.fail(f"member {peer.to_base58()[-6:]} is gone: {e}")
+        raise
 
 
 async def _stop(task: asyncio.Future[Any]) -> None:

@@ -23,13 +23,17 @@ from hivemind.p2p import PeerID
 from p2pfed.compression import Compressor, Payload
 from p2pfed.robust import Guard, Rule
 
-__all__ = ["PIECE", "ButterflyStats", "PartFailed", "Slice", "piece_round", "piece_sizes"]
+__all__ = ["PIECE", "ButterflyStats", "PartFailed", "ReducerFailed", "Slice", "piece_round", "piece_sizes"]
 
 PIECE = 1 << 20  # elements per piece of a part: the unit of reduction and reply
 
 
 class PartFailed(Exception):
     """A part or reply that did not arrive whole: recorded as the round's reason, never raised to the caller."""
+
+
+class ReducerFailed(PartFailed):
+    """A reducer that answered, with an error (its slice failed: another member's part never came): reachable."""
 
 
 @dataclass(slots=True)
