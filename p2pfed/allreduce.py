@@ -9,11 +9,14 @@ touches the model. hivemind keeps its group matchmaking (leaders, group keys in 
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import functools
 import logging
 import math
 import multiprocessing as mp
+import os
+import signal
 import socket
 import time
 import typing
@@ -78,9 +81,12 @@ class SwarmAverager(DecentralizedAverager):
         max_update_norm: float | None = None,
         rule: Rule | None = None,
         relays: Sequence[str] = (),
+        die_in_allreduce: int | None = None,
         **kwargs: Any,
     ) -> None:
         self._counters = _ByteCounters()
+        self._die_in_allreduce = die_in_allreduce  # test aid: see _run_allreduce_inplace_
+        self._allreduces = 0
         self._relays = [PeerID.from_base58(r) for r in relays]  # this peer takes parts only through these
         self._state_fn = state_fn
         self._reduction = reduction or Dense(Fp32())
@@ -213,6 +219,10 @@ class SwarmAverager(DecentralizedAverager):
                     logger.warning("round refused: %s", reason)
                     self._last_stats = ButterflyStats(reason=f"not admitted: {reason}")
                     return
+        self._allreduces += 1
+        if self._allreduces == self._die_in_allreduce:  # test aid: a machine that vanishes while its group averages
+            await asyncio.sleep(0.5)  # every member has the group by now, and waits for this one's parts
+            _die(f"fault injection: dying in the middle of round {self._allreduces}")
         peers = list(group_info.peer_ids)
         me = peers.index(self.peer_id)
         butterfly = self._get_butterfly()
@@ -434,3 +444,14 @@ def listen_tcp(listen: str, port: int, dht: Any) -> tuple[socket.socket, tuple[s
         hosts = [m[2] for m in visible if len(m) > 2 and not m[2].startswith(("127.", "::1", "0.0.0.0"))]
         announced = hosts[0] if hosts else "127.0.0.1"
     return sock, (announced, int(sock.getsockname()[1]))
+
+
+def _die(reason: str) -> None:
+    """SIGKILL this peer's process group (main process, DHT, averager, p2pd), or this process alone when that group
+    is not the peer's own."""
+    logger.warning(reason)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    if os.getpgid(os.getppid()) == os.getpgrp():  # the peer's main process shares this group
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -138,6 +138,8 @@ def _jsonl_sink(kind: str, data: dict[str, Any]) -> None:
 @click.option("--perturb-at", type=int, hidden=True, help="test aid: corrupt parameters after this step")
 @click.option("--fault-update", type=click.Choice(["nan", "inf", "huge", "mixed"]), hidden=True,
               help="test aid: send NaN, inf or 1e30 values in this peer's updates (mixed: each in turn)")  # fmt: skip
+@click.option("--die-in-round", type=int, hidden=True,
+              help="test aid: SIGKILL this peer's process group once its Nth round's all-reduce runs")  # fmt: skip
 @click.option("-v", "--verbose", is_flag=True, help="debug logs, hivemind's included")
 @user_errors
 def peer(
@@ -158,6 +160,7 @@ def peer(
     dump_grads: str | None,
     perturb_at: int | None,
     fault_update: str | None,
+    die_in_round: int | None,
     verbose: bool,
 ) -> None:
     """Start one peer: join (or start) a swarm and train until --max-steps or Ctrl+C."""
@@ -217,6 +220,7 @@ def peer(
         dump_grads=dump_grads,
         perturb_at=perturb_at,
         fault_update=fault_update,
+        die_in_round=die_in_round,
         resume=resume,
         announce=list(announce),
         metrics_port=metrics_port,

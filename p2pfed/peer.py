@@ -83,6 +83,7 @@ class PeerOptions:
     dump_grads: str | None = None
     perturb_at: int | None = None  # test aid: corrupt this peer's parameters after it commits this step
     fault_update: str | None = None  # test aid: send NaN / inf / 1e30 updates ("mixed": each in turn)
+    die_in_round: int | None = None  # test aid: SIGKILL this peer's process group in the middle of its Nth round
     resume: str | None = None  # a checkpoint directory to continue from
     announce: list[str] = field(default_factory=list)  # multiaddrs other peers should dial (public address, NAT)
     metrics_port: int | None = None  # serve Prometheus metrics on this port (0: any free one)
@@ -117,6 +118,7 @@ class Peer:
             "rounds_ok": 0,
             "rounds_failed": 0,
             "rounds_solo": 0,
+            "rounds_reformed": 0,  # failed when members vanished mid-round, then committed by those left
             "state_downloads": 0,
             "compute_s": 0.0,
             "failures": collections.Counter(),
@@ -219,6 +221,23 @@ class Peer:
         if missing:
             self._swarm_checked = (0.0, *self._swarm_checked[1:])  # re-read the swarm before the next round
 
+    def _may_reform(self, rnd: RoundResult, step: int) -> bool:
+        """Whether the members left run a failed round again at once, with the same update, instead of losing the
+        step (in DiLoCo, every inner step of the phase): when it failed only because members vanished mid-round,
+        enough are left, and everyone was at this step. Never under secure aggregation: a failed masked round may
+        already have returned slices whose mean includes the vanished member's update, and the same mean over the
+        members left would give that update away."""
+        left = rnd.group_size - len(rnd.unreachable)
+        return (
+            not rnd.committed
+            and bool(rnd.unreachable)
+            and rnd.reason.startswith("incomplete all-reduce")
+            and not rnd.diverged
+            and rnd.min_group_step == rnd.max_group_step == step
+            and left >= self.cfg.averaging.min_group_size
+            and not self.cfg.privacy.secure_aggregation
+        )
+
     async def _suspect(self, peers: Sequence[str], others: list[PeerRecord]) -> None:
         """Members whose part never came: leave them out of the group size until they announce themselves again (a
         dead peer's record would otherwise hold every round for averaging.matchmaking_time until it expires). Their
@@ -301,6 +320,7 @@ class Peer:
                 relays=self.opt.initial_peers if self.profile.relay else (),
                 cloud=self.profile.cloud,
                 admission=self.admission,
+                die_in_round=self.opt.die_in_round,
             )
             await self.sup.start_one(self.averager)
             self.overlap = OverlappedRounds(
@@ -476,20 +496,23 @@ class Peer:
             elif unfinished <= 1:
                 rnd = RoundResult(committed=True, group_size=1)  # nobody to average with: a local step
             else:
-                rnd = await self._until_stop(
-                    self.averager.ask(
-                        RunRound(
-                            step=step,
-                            flat_grad=grads.flat_grad,
-                            weight=grads.samples,
-                            fingerprint=self.trainer.fingerprint,
-                            wait_s=cfg.averaging.catchup_grace if wait_s is None and self._joining_ids else wait_s,
-                            rate=self.samples_per_s,
-                            lag=lag,
-                        ),
-                        timeout=cfg.averaging.round_timeout + cfg.averaging.timeout + 10,
-                    )
+                request = RunRound(
+                    step=step,
+                    flat_grad=grads.flat_grad,
+                    weight=grads.samples,
+                    fingerprint=self.trainer.fingerprint,
+                    wait_s=cfg.averaging.catchup_grace if wait_s is None and self._joining_ids else wait_s,
+                    rate=self.samples_per_s,
+                    lag=lag,
                 )
+                round_timeout = cfg.averaging.round_timeout + cfg.averaging.timeout + 10
+                rnd = await self._until_stop(self.averager.ask(request, timeout=round_timeout))
+                if rnd is not None and self._may_reform(rnd, step):
+                    left = rnd.group_size - len(rnd.unreachable)
+                    logger.warning("round failed (%s); re-forming it with the %d members left", rnd.reason, left)
+                    await self._suspect(rnd.unreachable, await self._others())  # the group size: those left
+                    rnd = await self._until_stop(self.averager.ask(request, timeout=round_timeout))
+                    self.stats["rounds_reformed"] += int(rnd is not None and rnd.committed)
             wait_s = None
             if rnd is None:
                 break
@@ -678,6 +701,7 @@ class Peer:
             "rounds_ok": self.stats["rounds_ok"],
             "rounds_failed": self.stats["rounds_failed"],
             "rounds_solo": self.stats["rounds_solo"],
+            "rounds_reformed": self.stats["rounds_reformed"],
             "bytes_sent": self.averager.bytes_sent,
             "bytes_received": self.averager.bytes_received,
             "bytes_forwarded": self.averager.bytes_forwarded,  # relayed between other peers (profile relay)

@@ -25,8 +25,10 @@ One all-reduce of `vector` (flat fp32) under masks, with `inner` the plain all-r
    carries the group's result, nothing private). Bit for bit what the same round computes without masks.
 
 A member that drops out fails the butterfly round for everyone (it is strict), so a half-masked sum never reaches
-a model; the next round forms without it. Composes with every linear reduction (fp32, fp16, uint8, shared-seed
-random-k coordinates, PowerSGD's P and Q), since each all-reduce of a round goes through here.
+a model; the next round forms without it. The members left do not re-run the round with the same updates (plain
+rounds do, p2pfed/peer.py): slices already returned hold means that include the dropped member's update, and the same
+means over the members left would give that update away. Composes with every linear reduction (fp32, fp16, uint8,
+shared-seed random-k coordinates, PowerSGD's P and Q), since each all-reduce of a round goes through here.
 """
 
 from __future__ import annotations

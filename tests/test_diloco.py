@@ -1,6 +1,7 @@
 """DiLoCo mode: peers take inner_steps local AdamW steps, average the pseudo-gradient once per round, and take an
 outer Nesterov step from the shared point. Three real peers: the loss falls, the shared parameters agree, and the
-bytes sent are one all-reduce per round (1/inner_steps of synchronous averaging per step)."""
+bytes sent are one all-reduce per round (1/inner_steps of synchronous averaging per step). A member that vanishes in
+the middle of a round: the others re-form that round at once and lose no inner steps."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, Launcher, wait_no_leftovers
+from p2pfed.report import max_param_divergence
+from tests.conftest import TINY, Launcher, PeerProcess, group_members, wait_no_leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -45,4 +47,43 @@ def test_diloco_swarm_trains_and_agrees(launcher: Launcher, tmp_path: Path) -> N
     most = max(p["rounds_ok"] + p["rounds_failed"] for p in peers)  # a failed round may have sent part of its bytes
     total = sum(p["bytes_sent"] for p in peers)
     assert least * per_round <= total <= 1.02 * most * per_round
+    assert wait_no_leftovers(launcher) == []
+
+
+def test_a_member_that_vanishes_mid_round_costs_the_others_no_inner_steps(launcher: Launcher, tmp_path: Path) -> None:
+    # Prepare: three peers in DiLoCo rounds; the third SIGKILLs its whole process group (main, DHT, averager, p2pd)
+    # once the all-reduce of its second round is under way, as a machine that vanishes would
+    steps, inner = 30, 5
+
+    def peer(i: int, *extra: str) -> PeerProcess:
+        return launcher.start(
+            "peer", "--config", TINY, "--max-steps", str(steps), "--events", "jsonl",
+            "--set", "averaging.mode=diloco", "--set", f"averaging.inner_steps={inner}",
+            "--set", "averaging.overlap=false",
+            "--set", "swarm.min_peers=3", "--set", "data.num_partitions=3", "--set", f"data.partition_index={i}",
+            "--report", str(tmp_path / f"peer{i}.json"), "--save-params", str(tmp_path / f"peer{i}.safetensors"),
+            *extra, name=f"peer{i}",
+        )  # fmt: skip
+
+    first = peer(0)
+    join = ("--initial-peers", first.bootstrap())
+    survivor, victim = peer(1, *join), peer(2, *join, "--die-in-round", "2")
+
+    # Execute: all three train until the victim vanishes; the other two finish
+    assert victim.wait(timeout=300) == -9, victim.stderr()[-3000:]
+    assert "dying in the middle of round 2" in victim.stderr() + victim.stdout()
+    codes = [p.wait(timeout=300) for p in (first, survivor)]
+
+    # Assert: the round the victim left was re-formed by the two others and committed, so no phase of inner steps
+    # was thrown away; they end with the same parameters, having learned
+    assert codes == [0, 0], [p.stderr()[-3000:] for p in (first, survivor)]
+    reports = [json.loads((tmp_path / f"peer{i}.json").read_text()) for i in (0, 1)]
+    for report in reports:
+        assert report["final_step"] == steps
+        assert report["rounds_reformed"] == 1, report
+        assert report["rounds_failed"] == 0 and report["rounds_ok"] == steps // inner, report
+        assert report["eval_loss"] < report["initial_eval_loss"] - 0.5
+    divergence = max_param_divergence([tmp_path / f"peer{i}.safetensors" for i in (0, 1)])
+    assert divergence is not None and divergence < 1e-4
+    assert group_members({victim.pgid}) == []  # nothing of the victim is left
     assert wait_no_leftovers(launcher) == []

@@ -52,8 +52,10 @@ class Averager(Actor):
         cloud: str,
         admission: Admission | None = None,
         relays: Sequence[str] = (),
+        die_in_round: int | None = None,
     ) -> None:
         super().__init__()
+        self.die_in_round = die_in_round  # test aid: this process group dies in the data path of that all-reduce
         self.cfg, self.dht, self.numel, self.state_fn, self.client_mode = cfg, dht, numel, state_fn, client_mode
         # profile relay: full multiaddrs of the peers that may relay parts to this one (which accepts no connection)
         self.relays = [split_maddr(m) for m in relays]
@@ -97,6 +99,7 @@ class Averager(Actor):
             client_mode=self.client_mode,
             relays=[peer_id for peer_id, _ in self.relays],
             declare_state_period=self.cfg.swarm.record_ttl,
+            die_in_allreduce=self.die_in_round,
             shutdown_timeout=5,
             start=False,
         )
