@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 from p2pfed.actors.messages import ApplyOuter, GradientsReady, RoundResult, RunRound
-from p2pfed.phases import PhaseRounds
+from p2pfed.phases import PhaseRounds, run_round
 
 __all__ = ["OverlappedRounds"]
 
@@ -43,14 +43,10 @@ class OverlappedRounds(PhaseRounds):
             solo.set_result(RoundResult(committed=True, group_size=1))
             self.pending = (delta, solo)
         else:
-            a = self.cfg.averaging
-            ask = self.averager.ask(
-                RunRound(
-                    step=self.trainer.step, flat_grad=delta, weight=grads.samples, fingerprint=self.trainer.fingerprint
-                ),
-                timeout=a.round_timeout + a.timeout + 10,
+            request = RunRound(
+                step=self.trainer.step, flat_grad=delta, weight=grads.samples, fingerprint=self.trainer.fingerprint
             )
-            self.pending = (delta, asyncio.ensure_future(ask))
+            self.pending = (delta, asyncio.ensure_future(run_round(self.cfg, self.averager, request)))
         return rnd
 
     async def settle(self) -> RoundResult | None:

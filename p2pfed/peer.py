@@ -62,6 +62,7 @@ from p2pfed.errors import ActorDeadError, UserError
 from p2pfed.gossip import GossipRounds
 from p2pfed.log import PeerContext
 from p2pfed.overlap import OverlappedRounds
+from p2pfed.phases import run_round
 from p2pfed.ranks import STOP, RankGroup
 from p2pfed.report import dump_round
 
@@ -221,22 +222,10 @@ class Peer:
         if missing:
             self._swarm_checked = (0.0, *self._swarm_checked[1:])  # re-read the swarm before the next round
 
-    def _may_reform(self, rnd: RoundResult, step: int) -> bool:
-        """Whether the members left run a failed round again at once, with the same update, instead of losing the
-        step (in DiLoCo, every inner step of the phase): when it failed only because members vanished mid-round,
-        enough are left, and everyone was at this step. Never under secure aggregation: a failed masked round may
-        already have returned slices whose mean includes the vanished member's update, and the same mean over the
-        members left would give that update away."""
-        left = rnd.group_size - len(rnd.unreachable)
-        return (
-            not rnd.committed
-            and bool(rnd.unreachable)
-            and rnd.reason.startswith("incomplete all-reduce")
-            and not rnd.diverged
-            and rnd.min_group_step == rnd.max_group_step == step
-            and left >= self.cfg.averaging.min_group_size
-            and not self.cfg.privacy.secure_aggregation
-        )
+    async def _leave_out_vanished(self, rnd: RoundResult) -> None:
+        """Before a round is re-formed: its vanished members leave the group size, so it starts once those left
+        have joined."""
+        await self._suspect(rnd.unreachable, await self._others())
 
     async def _suspect(self, peers: Sequence[str], others: list[PeerRecord]) -> None:
         """Members whose part never came: leave them out of the group size until they announce themselves again (a
@@ -505,17 +494,13 @@ class Peer:
                     rate=self.samples_per_s,
                     lag=lag,
                 )
-                round_timeout = cfg.averaging.round_timeout + cfg.averaging.timeout + 10
-                rnd = await self._until_stop(self.averager.ask(request, timeout=round_timeout))
-                if rnd is not None and self._may_reform(rnd, step):
-                    left = rnd.group_size - len(rnd.unreachable)
-                    logger.warning("round failed (%s); re-forming it with the %d members left", rnd.reason, left)
-                    await self._suspect(rnd.unreachable, await self._others())  # the group size: those left
-                    rnd = await self._until_stop(self.averager.ask(request, timeout=round_timeout))
-                    self.stats["rounds_reformed"] += int(rnd is not None and rnd.committed)
+                rnd = await self._until_stop(
+                    run_round(cfg, self.averager, request, before_reform=self._leave_out_vanished)
+                )
             wait_s = None
             if rnd is None:
                 break
+            self.stats["rounds_reformed"] += int(rnd.committed and rnd.reformed)
             self.stats["bytes_by_cloud"].update(rnd.bytes_by_cloud)
             self.stats["waiting_s"] += rnd.waited_s
             self._no_shows(rnd)
@@ -612,6 +597,7 @@ class Peer:
             if last is not None:
                 self.stats["rounds_ok" if last.group_size > 1 else "rounds_solo"] += int(last.committed)
                 self.stats["rounds_failed"] += int(not last.committed)
+                self.stats["rounds_reformed"] += int(last.committed and last.reformed)
         return await self._finish(t_start, initial_eval, initial_loss, final_loss, eval_timeout)
 
     async def _linger(self) -> None:
@@ -621,7 +607,10 @@ class Peer:
         self.discovery.tell(Announce(self._record(loss=self._last_loss), now=True))
         deadline = time.monotonic() + self.cfg.averaging.timeout
         while time.monotonic() < deadline:
-            behind = [p for p in await self._others() if not p.finished and p.step < self.trainer.step]
+            others = await self._others()
+            # a member that vanished (suspected, and silent since) is not waited for
+            live = [p for p in others if self._suspects.get(p.peer_id, -1.0) < p.announced_at]
+            behind = [p for p in live if not p.finished and p.step < self.trainer.step]
             if not behind:
                 return
             if await self._until_stop(asyncio.sleep(0.5, result=True)) is None:

@@ -8,14 +8,57 @@ overlap.py holds DiLoCo with overlap, gossip.py gossip averaging; both start fro
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
-from p2pfed.actors.messages import GradientsReady, RoundResult
+from p2pfed.actors.messages import GradientsReady, RoundResult, RunRound
 from p2pfed.config import Config
 
-__all__ = ["PhaseRounds"]
+__all__ = ["PhaseRounds", "may_reform", "run_round"]
+
+logger = logging.getLogger(__name__)
+
+
+def may_reform(cfg: Config, rnd: RoundResult, step: int) -> bool:
+    """Whether the members left run a failed round again at once, with the same update, instead of losing the step
+    (in DiLoCo, every inner step of the phase): when it failed only because members vanished mid-round, enough are
+    left, and everyone was at this step. Never under secure aggregation: a failed masked round may already have
+    returned slices whose mean includes the vanished member's update, and the same mean over the members left would
+    give that update away."""
+    left = rnd.group_size - len(rnd.unreachable)
+    return (
+        not rnd.committed
+        and bool(rnd.unreachable)
+        and rnd.reason.startswith("incomplete all-reduce")
+        and not rnd.diverged
+        and rnd.min_group_step == rnd.max_group_step == step
+        and left >= cfg.averaging.min_group_size
+        and not cfg.privacy.secure_aggregation
+    )
+
+
+async def run_round(
+    cfg: Config,
+    averager: Any,
+    request: RunRound,
+    *,
+    before_reform: Callable[[RoundResult], Awaitable[None]] | None = None,
+) -> RoundResult:
+    """One round of `request` on `averager`, re-formed once by the members left when members vanished mid-round
+    (may_reform); `before_reform` runs first (e.g. to leave the vanished out of the group size)."""
+    timeout = cfg.averaging.round_timeout + cfg.averaging.timeout + 10
+    rnd: RoundResult = await averager.ask(request, timeout=timeout)
+    if not may_reform(cfg, rnd, request.step):
+        return rnd
+    left = rnd.group_size - len(rnd.unreachable)
+    logger.warning("round failed (%s); re-forming it with the %d members left", rnd.reason, left)
+    if before_reform is not None:
+        await before_reform(rnd)
+    again: RoundResult = await averager.ask(request, timeout=timeout)
+    return replace(again, reformed=True)
 
 
 class PhaseRounds(ABC):

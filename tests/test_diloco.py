@@ -52,7 +52,8 @@ def test_diloco_swarm_trains_and_agrees(launcher: Launcher, tmp_path: Path) -> N
 
 def test_a_member_that_vanishes_mid_round_costs_the_others_no_inner_steps(launcher: Launcher, tmp_path: Path) -> None:
     # Prepare: three peers in DiLoCo rounds; the third SIGKILLs its whole process group (main, DHT, averager, p2pd)
-    # once the all-reduce of its second round is under way, as a machine that vanishes would
+    # once the all-reduce of its second round is under way, as a machine that vanishes would. (Overlapped rounds
+    # re-form through the same phases.run_round.)
     steps, inner = 30, 5
 
     def peer(i: int, *extra: str) -> PeerProcess:

@@ -207,6 +207,7 @@ class RoundResult:
     rates: dict[str, float] = field(default_factory=dict)  # members' samples/s as gathered: the same on every member
     started_at: float = 0.0  # DHT time the last member arrived; with `lag`, the same on every member
     lag: float = 0.0  # the mean of the members' gathered lags
+    reformed: bool = False  # run again by the members left after members vanished mid-round (phases.run_round)
 
 
 @dataclass(frozen=True)
