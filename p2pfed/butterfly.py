@@ -196,9 +196,8 @@ class Butterfly:
                 await asyncio.wait_for(mine.all_replied.wait(), self.chunk_timeout)
             except TimeoutError:
                 pass  # a sender that stopped reading only shortens the count
-        for j, r in enumerate(results):  # a reducer that answered with an error is there: the culprit is elsewhere
-            gone = isinstance(r, PartFailed | OSError | asyncio.TimeoutError) and not isinstance(r, ReducerFailed)
-            if gone and j < len(peers) and j != me:
+        for j, r in enumerate(results):
+            if _gone(r) and j < len(peers) and j != me:
                 stats.unreachable.add(peers[j].to_base58())
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
@@ -513,9 +512,15 @@ async def _failing_slice(mine: Slice, peer: PeerID, exchange: Awaitable[None]) -
     try:
         await exchange
     except (PartFailed, OSError, TimeoutError) as e:
-        if not isinstance(e, ReducerFailed):
+        if _gone(e):
             mine.fail(f"member {peer.to_base58()[-6:]} is gone: {e}")
         raise
+
+
+def _gone(outcome: object) -> bool:
+    """Whether an exchange's outcome says its member is gone (no stream, a stream cut, silence). A reducer that
+    answered with an error is there: the culprit is elsewhere."""
+    return isinstance(outcome, PartFailed | OSError | TimeoutError) and not isinstance(outcome, ReducerFailed)
 
 
 async def _stop(task: asyncio.Future[Any]) -> None:

@@ -191,9 +191,9 @@ class Peer:
             logger.debug("swarm view not refreshed: %r", e)
             return
         for p in others:  # a suspect that announced itself again is back
-            if p.peer_id in self._suspects and p.announced_at > self._suspects[p.peer_id]:
+            if p.peer_id in self._suspects and not self._vanished(p):
                 del self._suspects[p.peer_id]
-        live = [p for p in others if p.peer_id not in self._suspects]
+        live = [p for p in others if not self._vanished(p)]
         self._joining_ids = {p.peer_id for p in live if p.joining}
         self._ready_ids = {p.peer_id: p.announced_at for p in live if p.ready or p.joining}
         self._rates = {p.peer_id: p.samples_per_s for p in live if p.ready}
@@ -208,6 +208,10 @@ class Peer:
         # member that missed one round (a stall on a loaded machine) is alive and announces itself again; stepping
         # alone meanwhile would take this peer's parameters away from the swarm's. A dead one's record expires.
         self._swarm_checked = (time.monotonic(), 1 + len(others), ready)
+
+    def _vanished(self, peer: PeerRecord) -> bool:
+        """A suspect (its part never came, or it did not join) that has not announced itself since."""
+        return peer.peer_id in self._suspects and peer.announced_at <= self._suspects[peer.peer_id]
 
     def _no_shows(self, rnd: RoundResult) -> None:
         """A group smaller than the size asked for formed after averaging.matchmaking_time: the ready peers that did
@@ -607,10 +611,11 @@ class Peer:
         self.discovery.tell(Announce(self._record(loss=self._last_loss), now=True))
         deadline = time.monotonic() + self.cfg.averaging.timeout
         while time.monotonic() < deadline:
-            others = await self._others()
-            # a member that vanished (suspected, and silent since) is not waited for
-            live = [p for p in others if self._suspects.get(p.peer_id, -1.0) < p.announced_at]
-            behind = [p for p in live if not p.finished and p.step < self.trainer.step]
+            behind = [
+                p
+                for p in await self._others()
+                if not p.finished and p.step < self.trainer.step and not self._vanished(p)
+            ]
             if not behind:
                 return
             if await self._until_stop(asyncio.sleep(0.5, result=True)) is None:
