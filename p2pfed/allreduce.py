@@ -236,7 +236,11 @@ class SwarmAverager(DecentralizedAverager):
         seed = round_seed(group_id)  # the same on every member: shared-seed compressors draw alike
 
         async def plain_allreduce(
-            vector: torch.Tensor, codec: Compressor, phase: str, reply: Compressor | None = None
+            vector: torch.Tensor,
+            codec: Compressor,
+            phase: str,
+            reply: Compressor | None = None,
+            clear: torch.Tensor | None = None,
         ) -> torch.Tensor | None:
             tag, timeout = group_id + phase.encode(), self._allreduce_timeout or 60.0
             # Every copy must be finite; the norm bound holds for the update and any part of it (dense, its shared
@@ -270,6 +274,7 @@ class SwarmAverager(DecentralizedAverager):
                     reply_codec=reply,
                     guard=guard,
                     rule=self._rule if phase == "dense" else None,
+                    clear=clear,
                 )
             stats.merge(phase_stats)
             for drop in phase_stats.dropped:

@@ -132,6 +132,7 @@ class Butterfly:
         reply_codec: Compressor | None = None,
         guard: Guard | None = None,
         rule: Rule | None = None,
+        clear: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, ButterflyStats]:
         """The group's weighted mean of `vector` (flat fp32), or None with the reason in stats when any part failed.
 
@@ -140,7 +141,8 @@ class Butterfly:
         (default: `codec`) carries the reduced slices back, when they take another form than the parts (secure
         aggregation: masked ring elements go out, the decoded mean comes back). `guard` drops members' copies that
         are not finite or break its norm bound before this peer's slice sums them, and every averaged part that
-        comes back must be finite; `rule` replaces the weighted mean of each piece (p2pfed/robust.py).
+        comes back must be finite; `rule` replaces the weighted mean of each piece (p2pfed/robust.py). `clear`
+        (secure aggregation, like `vector`): this member's values before masking, which only its own slice uses.
         """
         replies = reply_codec or codec
         stats = ButterflyStats()
@@ -151,7 +153,7 @@ class Butterfly:
         piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
         mine = Slice(
             peers=peers, senders=len(peers), size=sizes[me], codec=codec, round=round, stats=stats,
-            reply_codec=replies, guard=guard, rule=rule,
+            reply_codec=replies, guard=guard, rule=rule, clear=None if clear is None else clear.split(sizes)[me],
         )  # fmt: skip
         if sizes[me] > 0:
             if not piece.done():

@@ -90,6 +90,7 @@ class Slice:
         reply_codec: Compressor | None = None,
         guard: Guard | None = None,
         rule: Rule | None = None,
+        clear: torch.Tensor | None = None,
     ) -> None:
         self.peers, self.senders, self.codec, self.round, self.stats = peers, senders, codec, round, stats
         self.guard, self.rule = guard, rule
@@ -102,6 +103,10 @@ class Slice:
         self.seen: list[set[int]] = [set() for _ in self.sizes]
         self.ready = [asyncio.Event() for _ in self.sizes]
         self.reply: list[Payload | None] = [None] * len(self.sizes)
+        # secure aggregation: this reducer's own values, which the codec adds to each piece's decoded sum
+        self.clear: list[torch.Tensor | None] = [None] * len(self.sizes)
+        if clear is not None:
+            self.clear[:] = clear.split(self.sizes)
         self.reduced = 0
         self.done = asyncio.Event()  # every piece reduced, or the slice failed
         self.error = ""
@@ -150,12 +155,12 @@ class Slice:
             mean = self.rule.combine(self.kept[index])
             self.kept[index] = []
         elif total is not None:
-            mean = self.codec.reduced(total, self.weights[index])  # total is this slice's own buffer
+            mean = self.codec.reduced(total, self.weights[index], clear=self.clear[index])  # total: this slice's own
         else:
             self.fail(f"every member's copy of piece {index} was dropped")
             return
         self.reply[index] = self.reply_codec.compress(mean, round=piece_round(self.round, index))
-        self.totals[index] = None  # the reply is all that is needed from here on
+        self.totals[index] = self.clear[index] = None  # the reply is all that is needed from here on
         self.ready[index].set()
         self.reduced += 1
         if self.reduced == len(self.sizes):

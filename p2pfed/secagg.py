@@ -11,8 +11,10 @@ One all-reduce of `vector` (flat fp32) under masks, with `inner` the plain all-r
    the vectors a reduction computes during the round (random-k coordinates, PowerSGD's P and Q) a small clear
    all-reduce of one-hot vectors carries them. Those 2 numbers per member are all it reveals in the clear.
 2. Quantize. Each member maps (w_i / sum(w)) x_i to integers in [-L, L], L = 2^(v-1) - 1, with stochastic rounding
-   for v <= 16 (8 bits for uint8, 16 for fp16) and round-to-nearest for fp32's v = 32 - ceil(log2 n). The sum of n
-   such integers fits in b = v + ceil(log2 n) bits, so it is exact in Z_2^b (b = 32 for fp32). Stochastic rounding
+   for v <= 16 (8 bits for uint8, 16 for fp16) and round-to-nearest for fp32's v = 32 - ceil(log2 (n - 1)). Every
+   reducer is a member and knows its own integers: the ring needs to hold only the sum of the n - 1 others, which
+   fits in b = v + ceil(log2 (n - 1)) bits (b = 32 for fp32; 9 bits for uint8 in a group of 3, not 10). Stochastic
+   rounding
    works in integers: the value to 1/256 of a level, plus one private random byte (a ChaCha20 stream under a key of
    this member's own), shifted down by 8 bits: unbiased, and a fraction of the cost of drawing a float per element.
 3. Mask. Each pair (i, j) derives a 32-byte key with X25519 + HKDF-SHA256, bound to the run (salt), the round's
@@ -20,9 +22,10 @@ One all-reduce of `vector` (flat fp32) under masks, with `inner` the plain all-r
    The member with the smaller peer id adds the mask, the other subtracts it, modulo 2^b. A ring of b <= 16 bits
    takes 16 bits of keystream per element, a wider one 32.
 4. Sum. The butterfly all-reduce sums the masked elements modulo 2^b (compression/ring.py, b bits per element on
-   the way to each reducer); the masks cancel, and each reducer decodes the exact sum of its slice's quantized
-   updates, the weighted mean, and sends it back through the round's own codec (fp32, fp16 or uint8: the reply leg
-   carries the group's result, nothing private). Bit for bit what the same round computes without masks.
+   the way to each reducer); the masks cancel. Each reducer takes its own integers out of that sum, decodes the
+   exact sum of the other members' (what it learns is what the mean and its own update tell it anyway), adds its
+   own back: the weighted mean of its slice, sent back through the round's own codec (fp32, fp16 or uint8: the reply
+   leg carries the group's result, nothing private). Bit for bit what the same round computes without masks.
 
 A member that drops out fails the butterfly round for everyone (it is strict), so a half-masked sum never reaches
 a model; the next round forms without it. The members left do not re-run the round with the same updates (plain
@@ -53,7 +56,8 @@ from p2pfed.compression.ring import Ring
 
 __all__ = ["Group", "MaskKey", "SecureAggregation", "ring_bits"]
 
-# inner(vector, codec, phase, reply=None): the plain all-reduce; `reply` is the codec the reduced slices come back in
+# inner(vector, codec, phase, reply=None, clear=None): the plain all-reduce; `reply` is the codec the reduced slices
+# come back in, `clear` this member's values before masking (Butterfly.allreduce)
 InnerAllReduce = Callable[..., Awaitable[torch.Tensor | None]]
 
 _CHUNK = 1 << 18  # elements quantized and masked at a time: the float64 and keystream temporaries stay in cache
@@ -90,8 +94,9 @@ class Group:
 
 
 def ring_bits(codec: Compressor, n: int) -> tuple[int, int]:
-    """(value bits v, ring bits b) for a codec in a group of n; ValueError for codecs that cannot be masked."""
-    extra = math.ceil(math.log2(n)) if n > 1 else 0
+    """(value bits v, ring bits b) for a codec in a group of n; ValueError for codecs that cannot be masked. The ring
+    holds the sum of the n - 1 members other than the reducer, which adds its own values after decoding."""
+    extra = math.ceil(math.log2(n - 1)) if n > 2 else 0
     if type(codec) is Fp32:
         return 32 - extra, 32
     value = _VALUE_BITS.get(type(codec))
@@ -143,18 +148,29 @@ class SecureAggregation:
         levels = (1 << (value_bits - 1)) - 1
         # 2-3. fixed point, then masks: off the event loop, which meanwhile serves the members that send this peer
         # their parts (numpy, torch and ChaCha20 release the GIL for the bulk of it)
+        clear = torch.empty(x.numel(), dtype=torch.int32)  # the fixed point before masks: for this peer's own slice
         masked = await asyncio.to_thread(
             self.masked, x, factor=mine * levels / scale, levels=levels, bits=bits, stochastic=value_bits <= 16,
-            group=group, tag=group.tag + phase.encode(),
+            group=group, tag=group.tag + phase.encode(), clear=clear,
         )  # fmt: skip
         # 4. the exact sum in Z_2^b, decoded by each reducer and sent back in the round's codec
         reply = Fp32() if type(codec) is Fp32 else codec
-        return await inner(masked, Ring(bits=bits, unit=scale / levels), phase + ".ring", reply=reply)
+        return await inner(masked, Ring(bits=bits, unit=scale / levels), phase + ".ring", reply=reply, clear=clear)
 
     def masked(
-        self, x: torch.Tensor, *, factor: float, levels: int, bits: int, stochastic: bool, group: Group, tag: bytes
+        self,
+        x: torch.Tensor,
+        *,
+        factor: float,
+        levels: int,
+        bits: int,
+        stochastic: bool,
+        group: Group,
+        tag: bytes,
+        clear: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(numel,) int32 carrying ring elements: round(factor * x) plus this member's masks, modulo 2^b."""
+        """(numel,) int32 carrying ring elements: round(factor * x) plus this member's masks, modulo 2^b. `clear`:
+        (numel,) int32 that receives round(factor * x) itself."""
         numel = x.numel()
         out = torch.empty(numel, dtype=torch.int32)
         out_u32 = out.numpy().view(np.uint32)
@@ -172,6 +188,8 @@ class SecureAggregation:
             y.clamp_(-levels, levels)  # the shared scale is rounded to fp32: keep the sum's range exact
             chunk = out_u32[start:stop]
             chunk[:] = y.to(torch.int32).numpy().view(np.uint32)  # two's complement: the value modulo 2^32
+            if clear is not None:
+                clear[start:stop].numpy()[:] = chunk.view(np.int32)
             for sign, encryptor in streams:
                 encryptor.update_into(zeros[: keystream.itemsize * count].data, keystream[:count].view(np.uint8).data)
                 if sign > 0:

@@ -53,11 +53,15 @@ async def _secure_round(
         b = butterflies[i]
 
         async def inner(
-            vector: torch.Tensor, inner_codec: Compressor, phase: str, reply: Compressor | None = None
+            vector: torch.Tensor,
+            inner_codec: Compressor,
+            phase: str,
+            reply: Compressor | None = None,
+            clear: torch.Tensor | None = None,
         ) -> torch.Tensor | None:
             mean, _ = await b.allreduce(
                 tag + phase.encode(), peers, i, vector, weight=weights[i], shares=[1.0] * len(peers),
-                codec=inner_codec, round=3, timeout=timeout, reply_codec=reply,
+                codec=inner_codec, round=3, timeout=timeout, reply_codec=reply, clear=clear,
             )  # fmt: skip
             return mean
 
@@ -98,12 +102,50 @@ def test_ring_payloads_are_b_bits_per_element_and_lossless(bits: int) -> None:
 
 
 def test_value_and_ring_bits_leave_room_for_the_sum_of_the_group() -> None:
-    assert ring_bits(Uint8(seed=0), 2) == (8, 9)
+    # the ring holds the sum of the n - 1 members other than the reducer
+    assert ring_bits(Uint8(seed=0), 2) == (8, 8)
+    assert ring_bits(Uint8(seed=0), 3) == (8, 9)
     assert ring_bits(Uint8(seed=0), 8) == (8, 11)
-    assert ring_bits(Fp16(), 3) == (16, 18)
-    assert ring_bits(Fp32(), 5) == (29, 32)
+    assert ring_bits(Fp16(), 3) == (16, 17)
+    assert ring_bits(Fp32(), 5) == (30, 32)
     with pytest.raises(ValueError, match="secure aggregation"):
         ring_bits(Ring(bits=8), 2)
+
+
+@pytest.mark.parametrize(
+    ("codec", "n"), [(Uint8(seed=0), 2), (Uint8(seed=0), 3), (Uint8(seed=0), 5), (Fp16(), 3), (Fp32(), 2), (Fp32(), 3)]
+)
+def test_a_reducer_decodes_the_others_sum_from_the_ring_and_adds_its_own(codec: Compressor, n: int) -> None:
+    # Prepare: n members' fixed-point values in [-L, L], the extremes included, under pairwise masks modulo 2^b
+    value_bits, bits = ring_bits(codec, n)
+    levels, modulus = (1 << (value_bits - 1)) - 1, 1 << bits
+    rng = np.random.default_rng(n * 100 + bits)
+    numel = 4_096
+    values = rng.integers(-levels, levels + 1, size=(n, numel), dtype=np.int64)
+    values[:, 0], values[:, 1] = levels, -levels  # every member at the top, then the bottom: the widest sums
+    masks = np.zeros((n, numel), dtype=np.int64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            m = rng.integers(0, modulus, size=numel, dtype=np.int64)
+            masks[i] += m
+            masks[j] -= m
+    elements = [torch.from_numpy(((values[i] + masks[i]) % modulus).astype(np.uint32).view(np.int32)) for i in range(n)]
+    unit = 2.0 ** (1 - value_bits)  # a power of 2: scaling in fp32 or fp64 rounds only where the sum itself must
+    ring = Ring(bits=bits, unit=unit)
+
+    # Execute: reducer 0 sums every member's element, its own included, then decodes with its own values apart
+    total = None
+    for element in elements:
+        total = ring.reduce(total, element.clone(), 1.0, owned=True)
+    assert total is not None
+    own = torch.from_numpy(values[0].astype(np.int32))
+    mean = ring.reduced(total.clone(), 1.0, clear=own)
+
+    # Assert: the exact sum of all n, scaled once; without its own values apart the widest sums do not fit the ring
+    expected = torch.from_numpy((values.sum(0).astype(np.float64) * unit).astype(np.float32))
+    assert torch.equal(mean, expected)
+    if n > 2:
+        assert not torch.equal(ring.reduced(total.clone(), 1.0)[:2], expected[:2])
 
 
 def test_stochastic_rounding_is_unbiased_and_private() -> None:
@@ -222,11 +264,15 @@ def test_masking_composes_with_the_linear_reductions(name: str) -> None:
                 b, tag = butterflies[i], f"{name}-{how}".encode()
 
                 async def inner(
-                    vector: torch.Tensor, codec: Compressor, phase: str, reply: Compressor | None = None
+                    vector: torch.Tensor,
+                    codec: Compressor,
+                    phase: str,
+                    reply: Compressor | None = None,
+                    clear: torch.Tensor | None = None,
                 ) -> torch.Tensor | None:
                     mean, _ = await b.allreduce(
                         tag + phase.encode(), peers, i, vector, weight=weights[i], shares=[1.0] * n, codec=codec,
-                        round=5, timeout=TIMEOUT, reply_codec=reply,
+                        round=5, timeout=TIMEOUT, reply_codec=reply, clear=clear,
                     )  # fmt: skip
                     return mean
 

@@ -1,5 +1,5 @@
 """privacy.secure_aggregation on real peers: three peers train with masked rounds (8-bit fixed point in the ring
-Z_2^10), the loss falls, the parameters agree, and each round sends b = 10 bits per element to the reducers and the
+Z_2^9), the loss falls, the parameters agree, and each round sends b = 9 bits per element to the reducers and the
 8-bit mean back. The rounds overlap the next inner steps (averaging.overlap) and travel over the direct TCP transport,
 so this is also the DiLoCo test of those two (tests/test_diloco.py covers the blocking rounds over libp2p).
 
@@ -18,7 +18,7 @@ from tests.conftest import TINY, Launcher, wait_no_leftovers
 pytestmark = pytest.mark.slow
 
 INNER, STEPS, PEERS = 10, 40, 3
-RING_BITS = 8 + 2  # uint8's 8 value bits, plus ceil(log2 3) for the sum of three
+RING_BITS = 8 + 1  # uint8's 8 value bits, plus ceil(log2 2) for the sum of the two members other than the reducer
 
 
 def test_masked_diloco_swarm_trains_and_agrees(launcher: Launcher, tmp_path: Path) -> None:
@@ -42,7 +42,7 @@ def test_masked_diloco_swarm_trains_and_agrees(launcher: Launcher, tmp_path: Pat
         assert peer["eval_loss"] < peer["initial_eval_loss"] - 1.0
     assert report["max_param_divergence"] < 1e-4
 
-    # Assert: a committed round moves the masked ring elements, 10 bits each, over (n-1) vector legs to the
+    # Assert: a committed round moves the masked ring elements, 9 bits each, over (n-1) vector legs to the
     # reducers, and the 8-bit means back over (n-1) (uint8's chunk scales and the framing add about 1%)
     numel = peers[0]["parameters"]
     per_round = (PEERS - 1) * (RING_BITS * numel / 8 + numel)

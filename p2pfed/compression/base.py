@@ -71,8 +71,11 @@ class Compressor(ABC):
             return piece.mul_(weight) if owned else piece * weight
         return total.add_(piece, alpha=weight)
 
-    def reduced(self, total: torch.Tensor, weight: float) -> torch.Tensor:
-        """The reducer's result from its running sum and the members' total weight (here the weighted mean)."""
+    def reduced(self, total: torch.Tensor, weight: float, *, clear: torch.Tensor | None = None) -> torch.Tensor:
+        """The reducer's result from its running sum and the members' total weight (here the weighted mean).
+        `clear`: the reducer's own values, which only ring sums take (compression/ring.py)."""
+        if clear is not None:
+            raise ValueError(f"{type(self).__name__} sums take no clear values apart")
         return total.div_(weight) if weight > 0 else total.zero_()
 
 

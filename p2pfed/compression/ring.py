@@ -5,8 +5,9 @@
 
 Not a user choice: p2pfed/secagg.py uses it for masked fixed-point updates. A reducer adds the members' elements
 modulo 2^b (`reduce`), ignoring weights (the members scaled their updates by their weights before masking), and
-replies with the sum, so the masks cancel exactly. Lossless for values in [0, 2^b); each element is carried in the
-bits of an int32 (its uint32 value), so any b up to 32 works.
+replies with the sum, so the masks cancel exactly; given its own clear values, it takes them out of the ring sum,
+decodes the other members' sum, and adds them back (`reduced`). Lossless for values in [0, 2^b); each element is
+carried in the bits of an int32 (its uint32 value), so any b up to 32 works.
 
 Wire form: the low b // 8 bytes of every element, then one bit plane (numel / 8 bytes) per remaining bit.
 """
@@ -89,14 +90,28 @@ class Ring(Compressor):
         np.add(_u32(total), _u32(piece), out=_u32(total))  # wraps modulo 2^32, hence modulo 2^b
         return total
 
-    def reduced(self, total: torch.Tensor, weight: float) -> torch.Tensor:
-        np.bitwise_and(_u32(total), np.uint32(self.modulus_mask), out=_u32(total))
+    def reduced(self, total: torch.Tensor, weight: float, *, clear: torch.Tensor | None = None) -> torch.Tensor:
+        """The sum modulo 2^b, or decoded to fp32 with `unit`. `clear` (int32, with `unit`): the reducer's own
+        values, which its element in `total` carries masked like everyone's. They are taken out before decoding, so
+        the ring needs to hold only the other members' sum, and added back after."""
+        u = _u32(total)
+        if clear is not None:
+            if self.unit is None:
+                raise ValueError("a ring sum takes the reducer's clear values only when it decodes them (unit)")
+            np.subtract(u, _u32(clear), out=u)
+        np.bitwise_and(u, np.uint32(self.modulus_mask), out=u)
         if self.unit is None:
             return total
-        # The reducer owns its sum: sign-extended in place, then scaled in fp32 where that is exact (|sum| < 2^23)
-        values = _sign_extend_(_u32(total), self.bits)
-        if self.bits > 24:  # sums beyond fp32's 24-bit integers: exact in fp64 first
-            return torch.from_numpy((values.astype(np.float64) * self.unit).astype(np.float32))
+        # The reducer owns its sum: sign-extended in place, then scaled in fp32 where that is exact (|sum| < 2^24)
+        values = _sign_extend_(u, self.bits)
+        own = None if clear is None else _u32(clear).view(np.int32)
+        if self.bits + (own is not None) > 24:  # sums beyond fp32's 24-bit integers: exact in fp64 first
+            wide = values.astype(np.int64)
+            if own is not None:
+                wide += own
+            return torch.from_numpy((wide.astype(np.float64) * self.unit).astype(np.float32))
+        if own is not None:
+            values += own  # |others' sum + own| < 2^b: one bit more than the ring, well inside int32
         out = values.astype(np.float32)
         out *= np.float32(self.unit)
         return torch.from_numpy(out)
