@@ -20,7 +20,7 @@ import signal
 import socket
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -283,7 +283,8 @@ class SwarmAverager(DecentralizedAverager):
 
         allreduce: AllReduce = plain_allreduce
         if self._secure is not None:
-            group = _mask_group(group_info, gathered, me, group_id)
+            relayed = {i for i, peer in enumerate(peers) if peer in butterfly.via}
+            group = _mask_group(group_info, gathered, me, group_id, shares=shares, relayed=relayed)
             if isinstance(group, str):
                 stats.reason = group
                 return
@@ -380,8 +381,17 @@ def _members(
     ]
 
 
-def _mask_group(group_info: GroupInfo, gathered: Sequence[dict[str, Any]], me: int, group_id: bytes) -> Group | str:
-    """The group as secure aggregation needs it, or the reason it cannot mask (a member published no mask key)."""
+def _mask_group(
+    group_info: GroupInfo,
+    gathered: Sequence[dict[str, Any]],
+    me: int,
+    group_id: bytes,
+    *,
+    shares: Sequence[float],
+    relayed: Collection[int],
+) -> Group | str:
+    """The group as secure aggregation needs it, or the reason it cannot mask (a member published no mask key).
+    `shares` split each vector among the reducers; `relayed`: the members reached through a relay."""
     publics, maxabs, weights = [], [], []
     for peer, info in zip(group_info.peer_ids, gathered, strict=True):
         mine = info.get("secagg")
@@ -395,7 +405,7 @@ def _mask_group(group_info: GroupInfo, gathered: Sequence[dict[str, Any]], me: i
         weights.append(float(mine.get("weight", 1.0)))
     return Group(
         peers=[p.to_bytes() for p in group_info.peer_ids], publics=publics, me=me, tag=group_id,
-        maxabs=maxabs, weights=weights,
+        maxabs=maxabs, weights=weights, shares=shares, relayed=frozenset(relayed),
     )  # fmt: skip
 
 

@@ -142,7 +142,7 @@ class Butterfly:
         aggregation: masked ring elements go out, the decoded mean comes back). `guard` drops members' copies that
         are not finite or break its norm bound before this peer's slice sums them, and every averaged part that
         comes back must be finite; `rule` replaces the weighted mean of each piece (p2pfed/robust.py). `clear`
-        (secure aggregation, like `vector`): this member's values before masking, which only its own slice uses.
+        (secure aggregation): this member's own part before masking, which its slice's codec adds apart.
         """
         replies = reply_codec or codec
         stats = ButterflyStats()
@@ -153,7 +153,7 @@ class Butterfly:
         piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
         mine = Slice(
             peers=peers, senders=len(peers), size=sizes[me], codec=codec, round=round, stats=stats,
-            reply_codec=replies, guard=guard, rule=rule, clear=None if clear is None else clear.split(sizes)[me],
+            reply_codec=replies, guard=guard, rule=rule, clear=clear,
         )  # fmt: skip
         if sizes[me] > 0:
             if not piece.done():

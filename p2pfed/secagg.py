@@ -14,13 +14,18 @@ One all-reduce of `vector` (flat fp32) under masks, with `inner` the plain all-r
    for v <= 16 (8 bits for uint8, 16 for fp16) and round-to-nearest for fp32's v = 32 - ceil(log2 (n - 1)). Every
    reducer is a member and knows its own integers: the ring needs to hold only the sum of the n - 1 others, which
    fits in b = v + ceil(log2 (n - 1)) bits (b = 32 for fp32; 9 bits for uint8 in a group of 3, not 10). Stochastic
-   rounding
-   works in integers: the value to 1/256 of a level, plus one private random byte (a ChaCha20 stream under a key of
-   this member's own), shifted down by 8 bits: unbiased, and a fraction of the cost of drawing a float per element.
+   rounding works in integers: the value to 1/256 of a level, plus one private random byte (a ChaCha20 stream under
+   a key of this member's own), shifted down by 8 bits: unbiased, and a fraction of the cost of drawing a float per
+   element.
 3. Mask. Each pair (i, j) derives a 32-byte key with X25519 + HKDF-SHA256, bound to the run (salt), the round's
    all-reduce tag (group id and phase) and the group's member list; ChaCha20 expands it into one mask per element.
    The member with the smaller peer id adds the mask, the other subtracts it, modulo 2^b. A ring of b <= 16 bits
-   takes 16 bits of keystream per element, a wider one 32.
+   takes 16 bits of keystream per element, a wider one 32. A pair's masks skip the slices that either of the two
+   reduces: a reducer knows the masks it shares, so they would hide nothing from it, and on its slice each other
+   member's copy stays hidden by its masks with the n - 2 members left (in a group of 3, one keystream per member
+   where there were two; in a group of 2 none, as nothing can hide one member's update from the other: the mean
+   minus one's own update is the other's). A reducer reached through a relay keeps every mask on its slice, since
+   the relay sees the copies it forwards and may share one of those masks.
 4. Sum. The butterfly all-reduce sums the masked elements modulo 2^b (compression/ring.py, b bits per element on
    the way to each reducer); the masks cancel. Each reducer takes its own integers out of that sum, decodes the
    exact sum of the other members' (what it learns is what the mean and its own update tell it anyway), adds its
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import math
 import os
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -50,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from p2pfed.butterfly import split_sizes
 from p2pfed.compression import Compressor, Fp16, Fp32, Uint8
 from p2pfed.compression.base import RoundingBytes
 from p2pfed.compression.ring import Ring
@@ -91,6 +98,14 @@ class Group:
     # vector is that update (`scaled`): their scale needs no exchange of its own.
     maxabs: Sequence[float] = ()
     weights: Sequence[float] = ()
+    # How the butterfly splits each vector among the reducers (Butterfly.allreduce's shares; empty: equal parts),
+    # and the members it reaches through a relay, which sees the parts it forwards
+    shares: Sequence[float] = ()
+    relayed: Collection[int] = frozenset()
+
+    def sizes(self, numel: int) -> list[int]:
+        """The slice each member reduces of a vector of numel elements, in group order."""
+        return split_sizes(numel, self.shares or [1.0] * len(self.peers))
 
 
 def ring_bits(codec: Compressor, n: int) -> tuple[int, int]:
@@ -148,7 +163,7 @@ class SecureAggregation:
         levels = (1 << (value_bits - 1)) - 1
         # 2-3. fixed point, then masks: off the event loop, which meanwhile serves the members that send this peer
         # their parts (numpy, torch and ChaCha20 release the GIL for the bulk of it)
-        clear = torch.empty(x.numel(), dtype=torch.int32)  # the fixed point before masks: for this peer's own slice
+        clear = torch.empty(group.sizes(x.numel())[me], dtype=torch.int32)  # this peer's own slice, unmasked
         masked = await asyncio.to_thread(
             self.masked, x, factor=mine * levels / scale, levels=levels, bits=bits, stochastic=value_bits <= 16,
             group=group, tag=group.tag + phase.encode(), clear=clear,
@@ -169,17 +184,27 @@ class SecureAggregation:
         tag: bytes,
         clear: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(numel,) int32 carrying ring elements: round(factor * x) plus this member's masks, modulo 2^b. `clear`:
-        (numel,) int32 that receives round(factor * x) itself."""
+        """(numel,) int32 carrying ring elements: round(factor * x), plus on each member's slice the masks this member
+        shares with the others but that slice's reducer, modulo 2^b. `clear`: (this member's slice size,) int32 that
+        receives round(factor * x) on its own slice.
+
+        A reducer knows every mask it shares, so a mask with it would hide nothing from it: on its slice the members
+        leave those out (each pair's keystream skips the slices of both), and its own copy is its clear value. A
+        member's copy is still hidden by its masks with the n - 2 others. A reducer reached through a relay keeps
+        every mask on its slice: the relay sees the copies it forwards, and may share one of those masks itself."""
         numel = x.numel()
         out = torch.empty(numel, dtype=torch.int32)
         out_u32 = out.numpy().view(np.uint32)
-        streams = self._streams(group, tag) if self.mask else []
+        streams = self._streams(group, tag) if self.mask else {}
         size = min(_CHUNK, max(numel, 1))
         keystream = np.empty(size, dtype=np.uint16 if bits <= 16 else np.uint32)  # uniform modulo 2^b either way
         zeros = np.zeros(keystream.nbytes, dtype=np.uint8)
-        for start in range(0, numel, _CHUNK):
-            stop = min(numel, start + _CHUNK)
+        me, sizes = group.me, group.sizes(numel)
+        mine = sum(sizes[:me])  # where this member's own slice starts
+        chunks = []  # (start, stop, reducer): no chunk spans two slices
+        for reducer, (first, part) in enumerate(zip(itertools.accumulate([0, *sizes[:-1]]), sizes, strict=True)):
+            chunks += [(lo, min(lo + _CHUNK, first + part), reducer) for lo in range(first, first + part, _CHUNK)]
+        for start, stop, reducer in chunks:
             count = stop - start
             if stochastic:  # |y| <= 2^15, so 256 y is an integer fp32 holds exactly: floor((256 y + u) / 256)
                 y = self._rounding.floor_(x[start:stop].mul(factor * 256.0).round_().to(torch.int32))
@@ -188,9 +213,12 @@ class SecureAggregation:
             y.clamp_(-levels, levels)  # the shared scale is rounded to fp32: keep the sum's range exact
             chunk = out_u32[start:stop]
             chunk[:] = y.to(torch.int32).numpy().view(np.uint32)  # two's complement: the value modulo 2^32
-            if clear is not None:
-                clear[start:stop].numpy()[:] = chunk.view(np.int32)
-            for sign, encryptor in streams:
+            if clear is not None and reducer == me:
+                clear[start - mine : stop - mine].numpy()[:] = chunk.view(np.int32)
+            relayed = reducer in group.relayed
+            for j, (sign, encryptor) in streams.items():
+                if not relayed and reducer in (me, j):
+                    continue
                 encryptor.update_into(zeros[: keystream.itemsize * count].data, keystream[:count].view(np.uint8).data)
                 if sign > 0:
                     np.add(chunk, keystream[:count], out=chunk)
@@ -199,14 +227,14 @@ class SecureAggregation:
         np.bitwise_and(out_u32, np.uint32((1 << bits) - 1), out=out_u32)
         return out
 
-    def _streams(self, group: Group, tag: bytes) -> list[tuple[int, CipherContext]]:
-        """(+1 or -1, a ChaCha20 keystream) for each other member: the masks this member adds."""
+    def _streams(self, group: Group, tag: bytes) -> dict[int, tuple[int, CipherContext]]:
+        """Each other member's index: +1 or -1 and a ChaCha20 keystream, the masks this member adds."""
         mine = group.peers[group.me]
-        streams = []
+        streams = {}
         for j, (peer, public) in enumerate(zip(group.peers, group.publics, strict=True)):
             if j == group.me:
                 continue
             key = self.key.pair_key(public, run=self.run, tag=tag, members=group.peers)
             cipher = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None)
-            streams.append((1 if mine < peer else -1, cipher.encryptor()))
+            streams[j] = (1 if mine < peer else -1, cipher.encryptor())
         return streams

@@ -43,9 +43,13 @@ async def _secure_round(
     absent: Sequence[int] = (),
     timeout: float = TIMEOUT,
     published: bool = False,
+    shares: Sequence[float] = (),
+    relayed: frozenset[int] = frozenset(),
 ) -> list[torch.Tensor | None]:
-    """One secure all-reduce on every member; rounding seeds fixed per member so masked and unmasked runs compare."""
+    """One secure all-reduce on every member; rounding seeds fixed per member so masked and unmasked runs compare.
+    `shares`: how the butterfly splits the vector (empty: equally); `relayed`: members masked as if behind a relay."""
     peers = [b.p2p.peer_id for b in butterflies]
+    shares = list(shares) or [1.0] * len(peers)
     keys = [MaskKey() for _ in butterflies]
     publics = [k.public for k in keys]
 
@@ -60,7 +64,7 @@ async def _secure_round(
             clear: torch.Tensor | None = None,
         ) -> torch.Tensor | None:
             mean, _ = await b.allreduce(
-                tag + phase.encode(), peers, i, vector, weight=weights[i], shares=[1.0] * len(peers),
+                tag + phase.encode(), peers, i, vector, weight=weights[i], shares=shares,
                 codec=inner_codec, round=3, timeout=timeout, reply_codec=reply, clear=clear,
             )  # fmt: skip
             return mean
@@ -68,7 +72,7 @@ async def _secure_round(
         secure = SecureAggregation(keys[i], run=RUN, mask=mask, seed=1000 + i)
         group = Group(
             peers=[p.to_bytes() for p in peers], publics=publics, me=i, tag=tag,
-            maxabs=[float(v.abs().max()) for v in vectors], weights=weights,
+            maxabs=[float(v.abs().max()) for v in vectors], weights=weights, shares=shares, relayed=relayed,
         )  # fmt: skip
         scaled = {"dense"} if published else set()  # else the scale is exchanged in a clear all-reduce first
         return await secure.allreduce(vectors[i], codec, "dense", inner=inner, group=group, scaled=scaled)
@@ -196,6 +200,56 @@ def test_masked_mean_equals_the_unmasked_fixed_point_mean_bit_for_bit_in_groups_
                         assert (m.double() - reference).abs().max().item() <= n * step * 1.001 + reply + 1e-6
 
     asyncio.run(main())
+
+
+def test_uneven_slices_and_a_relayed_reducer_keep_the_masks_cancelling() -> None:
+    # Each pair's keystream skips the slices of both members unless one is relayed: with slices of four sizes (one
+    # empty) and a relayed member, the masked mean must still equal the unmasked one bit for bit
+    async def main() -> None:
+        async with _members(4) as butterflies:
+            vectors, weights = _vectors(4, 30_007), [1.0, 2.0, 1.0, 3.0]
+            reference = _weighted_mean(vectors, weights)
+            for shares, relayed in (([1.0, 2.0, 0.5, 1.5], frozenset({1})), ([1.0, 0.0, 3.0, 1.0], frozenset({0, 2}))):
+                tag = f"uneven-{shares}-{sorted(relayed)}".encode()
+                means = {}
+                for mask in (True, False):
+                    means[mask] = await _secure_round(
+                        butterflies, vectors, weights, Uint8(seed=0), mask=mask, tag=tag + b"%d" % mask,
+                        shares=shares, relayed=relayed,
+                    )  # fmt: skip
+                for m, c in zip(means[True], means[False], strict=True):
+                    assert m is not None and c is not None
+                    assert torch.equal(m, c)
+                    assert (m.double() - reference).abs().max().item() < 0.1 * reference.abs().max().item()
+
+    asyncio.run(main())
+
+
+def test_a_relay_that_is_a_member_cannot_unmask_what_it_forwards() -> None:
+    # Member 1 forwards member 0's copy of member 2's slice. Had member 0 left out its mask with member 2 (as for a
+    # reducer reached directly), that copy would be y_0 + m_01, and member 1, which knows m_01 from its own copy of
+    # the slice, would read y_0. Measured both ways, so the test can fail.
+    n, numel = 3, 300_000
+    keys = [MaskKey() for _ in range(n)]
+    x = _vectors(n, numel)
+    modulus = 1 << 32
+
+    def slice_2(i: int, *, mask: bool, relayed: frozenset[int]) -> np.ndarray:
+        """Member i's copy of member 2's slice (fp32's fixed point, rounded to nearest), as int64."""
+        group = Group(peers=[b"a", b"b", b"c"], publics=[k.public for k in keys], me=i, tag=b"t", relayed=relayed)
+        secure = SecureAggregation(keys[i], run=RUN, mask=mask)
+        ring = secure.masked(x[i], factor=3e7, levels=(1 << 30) - 1, bits=32, stochastic=False, group=group, tag=b"r")
+        return ring.numpy().view(np.uint32)[2 * numel // 3 :].astype(np.int64)
+
+    truth = x[0][2 * numel // 3 :].double().numpy()
+    corr = {}
+    for relayed in (frozenset({2}), frozenset()):
+        theirs = slice_2(0, mask=True, relayed=relayed)
+        # what the relay can compute from its own copy and its own values: m_01 cancels
+        seen = (theirs + slice_2(1, mask=True, relayed=relayed) - slice_2(1, mask=False, relayed=relayed)) % modulus
+        corr[bool(relayed)] = float(np.corrcoef(np.where(seen >= modulus // 2, seen - modulus, seen), truth)[0, 1])
+    assert abs(corr[True]) <= 0.01, corr
+    assert corr[False] > 0.99, corr
 
 
 def test_a_reducer_sees_noise_with_masks_and_the_update_without(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -74,6 +74,12 @@ class Averager(Actor):
 
     async def on_start(self) -> None:
         a = self.cfg.averaging
+        if self.mask_key is not None and a.min_group_size < 3:
+            logger.warning(
+                "privacy.secure_aggregation with averaging.min_group_size %d: in a round of two members masks hide "
+                "nothing (the mean minus one's own update is the other's); set it to 3 or more",
+                a.min_group_size,
+            )
         direct = a.transport == "tcp" and not self.relays  # a relayed peer cannot be dialed on any port
         tcp = listen_tcp(self.cfg.swarm.listen, a.tcp_port, self.dht) if direct else None
         self.tcp_endpoint = list(tcp[1]) if tcp is not None else None
