@@ -24,6 +24,7 @@ observers of the aggregate and assumes the other members add their share.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any
@@ -32,6 +33,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from opacus.grad_sample.utils import register_grad_sampler
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
@@ -86,6 +88,63 @@ def _rms_norm_grad_sample(
     return {layer.weight: torch.einsum("b...h,b...h->bh", backprops, normed.to(x.dtype))}
 
 
+class PerExampleGradients:
+    """Each example's gradient of every trainable parameter of `model`, in p.grad_sample (B, *p.shape) after each
+    backward pass (a list of them after several, one per pass), which opacus's DPOptimizer clips and noises.
+
+    The per-layer arithmetic is opacus's own (its grad samplers, and its vmap fallback for layers it has none for);
+    only the capture differs from opacus's GradSampleModule. A forward hook keeps each layer's inputs and puts a
+    tensor hook on its output, which hands the output's gradient to the grad sampler. GradSampleModule wraps every
+    hooked layer's inputs and outputs in autograd functions for its full backward hooks: on the tiny Llama that doubled
+    the time of a forward and backward pass (docs/BENCHMARKS.md, D1). The loss is a mean over the pass's examples."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        GradSampleModule.validate(model, strict=True)  # opacus's check: no layer that mixes examples (BatchNorm)
+        self.handles = []
+        self._current: dict[torch.nn.Parameter, torch.Tensor] = {}  # this pass's per-example gradients so far
+        for module in model.modules():
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not params:
+                continue
+            sampler = GradSampleModule.GRAD_SAMPLERS.get(type(module))
+            if sampler is None:
+                prepare_layer(module, batch_first=True)
+                sampler = ft_compute_per_sample_gradient
+            for p in params:
+                p.grad_sample = None  # type: ignore[attr-defined]
+            self.handles.append(module.register_forward_hook(functools.partial(self._forward, sampler)))
+
+    def _forward(self, sampler: Any, module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+            activations = [t.detach() for t in inputs]
+            output.register_hook(functools.partial(self._backward, sampler, module, activations))
+
+    def _backward(
+        self, sampler: Any, module: torch.nn.Module, activations: list[torch.Tensor], grad: torch.Tensor
+    ) -> None:
+        backprops = grad.detach() * len(grad)  # the mean loss's gradient, as each example's own loss's
+        for p, sample in sampler(module, activations, backprops).items():
+            if p in self._current:  # a parameter used twice in one pass (tied weights): its examples' sums
+                self._current[p] = self._current[p] + sample
+            else:
+                self._current[p] = sample
+
+    def end_pass(self) -> None:
+        """After a backward pass: its per-example gradients join p.grad_sample (a list after several passes)."""
+        for p, sample in self._current.items():
+            if p.grad_sample is None:  # type: ignore[attr-defined]
+                p.grad_sample = sample  # type: ignore[attr-defined]
+            elif isinstance(p.grad_sample, list):  # type: ignore[attr-defined]
+                p.grad_sample.append(sample)  # type: ignore[attr-defined]
+            else:
+                p.grad_sample = [p.grad_sample, sample]  # type: ignore[attr-defined]
+        self._current = {}
+
+    def reset(self) -> None:
+        """Drop what an unfinished pass captured (a step that failed half-way)."""
+        self._current = {}
+
+
 class PeerPrivacy:
     def __init__(self, cfg: PrivacyConfig, *, batch_size: int, dataset_size: int, min_group_size: int) -> None:
         if dataset_size < batch_size:
@@ -109,6 +168,7 @@ class PeerPrivacy:
         self.ghost = cfg.grad_sample_mode == "ghost"
         self._optimizer: DPOptimizer | None = None
         self._loss: DPLossFastGradientClipping | None = None
+        self._grads: PerExampleGradients | None = None
         self._params: list[torch.nn.Parameter] = []
         self._clipped: list[torch.Tensor] | None = None  # ghost: the batch's clipped sums so far, per parameter
 
@@ -132,13 +192,15 @@ class PeerPrivacy:
             criterion = torch.nn.CrossEntropyLoss(reduction="mean")
             self._loss = DPLossFastGradientClipping(module, self._optimizer, criterion, loss_reduction="mean")
         else:
-            GradSampleModule(model, loss_reduction="mean")  # hooks the layers; the model is called directly
+            self._grads = PerExampleGradients(model)
             self._optimizer = DPOptimizer(optimizer, **options)  # type: ignore[arg-type]
 
     def zero_grad(self) -> None:
         assert self._optimizer is not None
         self._optimizer.zero_grad(set_to_none=True)  # also drops the per-example state of the last step
         self._clipped = None
+        if self._grads is not None:
+            self._grads.reset()
 
     def backward(self, model: torch.nn.Module, ids: torch.Tensor) -> float:
         """Forward and backward of one micro-batch (B_i, T) of next-token prediction; its mean loss. Each example's
@@ -147,6 +209,8 @@ class PeerPrivacy:
         if self._loss is None:
             loss = model(input_ids=ids, labels=ids, position_ids=positions).loss
             loss.backward()
+            assert self._grads is not None
+            self._grads.end_pass()
             return float(loss.item())
         logits = model(input_ids=ids, position_ids=positions).logits[:, :-1]  # (B_i, T-1, V)
         targets = ids[:, 1:]

@@ -66,6 +66,55 @@ def test_dp_gradient_is_the_clipped_per_example_mean_in_micro_batches(arch: str,
     assert privacy.sample_rate == 6 / 600
 
 
+def test_a_weight_shared_by_two_layers_gets_the_sum_of_its_per_example_gradients() -> None:
+    # A Llama whose output layer is its embedding (tied): one parameter, two layers in the same pass. Each example's
+    # gradient of it is the sum of the two layers' parts, or the clipping would see twice the examples.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    reference_model = copy.deepcopy(model)
+    batch = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(2))
+    cfg = PrivacyConfig(dp=True, noise_multiplier=1e-9, max_grad_norm=0.05)
+    privacy = PeerPrivacy(cfg, batch_size=len(batch), dataset_size=500, min_group_size=2)
+    privacy.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    privacy.zero_grad()
+    privacy.backward(model, batch)
+    privacy.privatize(micro_batches=1)
+
+    expected = _reference_grads(reference_model, batch, 0.05)
+    for p, e in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, atol=1e-6, rtol=1e-4)
+
+
+def test_bench_dp_trains_both_sides_and_spends_the_target_epsilon(launcher: Launcher) -> None:
+    # Execute: a short `p2pfed bench dp`, both sides taking turns in blocks of steps
+    bench = launcher.start(
+        "bench", "dp", "--config", TINY, "--steps", "24", "--target-epsilon", "8", "--json", name="bench"
+    )  # fmt: skip
+    assert bench.wait(timeout=300) == 0, bench.stderr()[-3000:]
+
+    # Assert: the private side spent what opacus says its noise spends in 24 steps, and the ratio is its own timings
+    result = json.loads(bench.stdout().strip().splitlines()[-1])
+    assert result["epsilon"] == pytest.approx(8.0, rel=0.01)
+    assert result["epsilon"] == pytest.approx(
+        epsilon_after(
+            result["accountant"], noise_multiplier=result["noise_multiplier"], sample_rate=result["sample_rate"],
+            steps=24, delta=result["delta"],
+        ),
+        rel=1e-9,
+    )  # fmt: skip
+    assert result["step_ratio"] == pytest.approx(result["dp_step_s"] / result["plain_step_s"], rel=1e-9)
+    for side in ("plain", "dp"):
+        assert result[f"{side}_eval_loss"] < result["initial_eval_loss"]  # both sides trained
+
+
 def test_steps_within_is_the_largest_count_inside_the_budget() -> None:
     q, sigma, delta = 0.01, 1.0, 1e-5
     k = steps_within(2.0, "rdp", noise_multiplier=sigma, sample_rate=q, delta=delta)
