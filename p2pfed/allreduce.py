@@ -201,6 +201,7 @@ class SwarmAverager(DecentralizedAverager):
             "allreduce_s": stats.seconds if stats else 0.0,
             "dropped": len(stats.dropped) if stats else 0,
             "unreachable": sorted(stats.unreachable) if stats else [],
+            "held": stats.held if stats else False,
             "bytes_sent": stats.bytes_sent if stats else 0,
             "bytes_received": stats.bytes_received if stats else 0,
             "sent_by_peer": dict(stats.sent_by_peer) if stats else {},

@@ -188,18 +188,20 @@ class Butterfly:
             gathering = asyncio.gather(*exchanges, return_exceptions=True)
             gathering.add_done_callback(_retrieve)  # a cancelled round must not log "exception never retrieved"
             results = await asyncio.wait_for(gathering, timeout)
-        except TimeoutError:
+        except TimeoutError:  # no exchange names its member: the suspects are the senders this slice still misses
             results = [PartFailed(f"all-reduce did not finish within {timeout:.0f}s")]
+            stats.unreachable |= {peers[j].to_base58() for j in mine.missing() if j != me}
         finally:
             mine.fail("the all-reduce ended")  # a sender still waiting on this peer's slice gets a clear reply
             self._slices.pop(tag, None)
+        stats.held = stats.held or mine.reduced > 0
         if sizes[me] > 0 and not mine.error and len(peers) > 1:
             try:  # the round's byte count includes the replies this peer's slice still has to write
                 await asyncio.wait_for(mine.all_replied.wait(), self.chunk_timeout)
             except TimeoutError:
                 pass  # a sender that stopped reading only shortens the count
         for j, r in enumerate(results):
-            if _gone(r) and j < len(peers) and j != me:
+            if _gone(r) and len(results) == len(peers) and j != me:
                 stats.unreachable.add(peers[j].to_base58())
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
@@ -319,6 +321,7 @@ class Butterfly:
                 except ValueError as e:
                     raise PartFailed(f"bad reply from {remote[-6:]}: {e}") from None
                 stats.bytes_received += n
+                stats.held = True
                 if check_replies and dest.is_floating_point() and not all_finite(dest):
                     raise PartFailed(f"reducer {remote[-6:]} sent back a mean that is not finite")
 

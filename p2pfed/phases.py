@@ -25,9 +25,10 @@ logger = logging.getLogger(__name__)
 def may_reform(cfg: Config, rnd: RoundResult, step: int) -> bool:
     """Whether the members left run a failed round again at once, with the same update, instead of losing the step
     (in DiLoCo, every inner step of the phase): when it failed only because members vanished mid-round, enough are
-    left, and everyone was at this step. Never under secure aggregation: a failed masked round may already have
-    returned slices whose mean includes the vanished member's update, and the same mean over the members left would
-    give that update away."""
+    left, and everyone was at this step. Under secure aggregation only if this peer holds no piece of the failed
+    round's result: such a piece is a mean that includes the vanished member's update, and the same mean over the
+    members left would give that update away. Every member decides for itself, so a re-formed masked round has no
+    member that holds one (a member that does not re-form stays out of it, and its step is lost)."""
     left = rnd.group_size - len(rnd.unreachable)
     return (
         not rnd.committed
@@ -36,7 +37,7 @@ def may_reform(cfg: Config, rnd: RoundResult, step: int) -> bool:
         and not rnd.diverged
         and rnd.min_group_step == rnd.max_group_step == step
         and left >= cfg.averaging.min_group_size
-        and not cfg.privacy.secure_aggregation
+        and not (cfg.privacy.secure_aggregation and rnd.held)
     )
 
 

@@ -47,6 +47,9 @@ class ButterflyStats:
     seconds: float = 0.0  # wall time of the round's all-reduces (set by the averager)
     dropped: list[str] = field(default_factory=list)  # members' copies this peer's slices dropped, and why
     unreachable: set[str] = field(default_factory=set)  # members (base58 ids) whose part or reply never came whole
+    # this peer holds a piece of the result: its slice reduced one, or a reducer's reply came (secure aggregation
+    # re-forms a failed round only where no member holds one: p2pfed/phases.py)
+    held: bool = False
 
     def add_sent(self, peer: str, n: int) -> None:
         self.bytes_sent += n
@@ -61,6 +64,7 @@ class ButterflyStats:
         self.reason = self.reason or other.reason
         self.dropped += other.dropped
         self.unreachable |= other.unreachable
+        self.held = self.held or other.held
 
 
 def piece_sizes(size: int) -> list[int]:
@@ -134,6 +138,10 @@ class Slice:
     def add_all(self, sender: int, weight: float, part: torch.Tensor) -> None:
         for index, piece in enumerate(part.split(self.sizes)):
             self.add(sender, index, weight, piece)
+
+    def missing(self) -> set[int]:
+        """The senders that have not delivered every piece of their part (yet)."""
+        return {sender for sender in range(self.senders) if any(sender not in seen for seen in self.seen)}
 
     def fail(self, reason: str) -> None:
         if not self.done.is_set():

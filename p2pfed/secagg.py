@@ -33,10 +33,13 @@ One all-reduce of `vector` (flat fp32) under masks, with `inner` the plain all-r
    leg carries the group's result, nothing private). Bit for bit what the same round computes without masks.
 
 A member that drops out fails the butterfly round for everyone (it is strict), so a half-masked sum never reaches
-a model; the next round forms without it. The members left do not re-run the round with the same updates (plain
-rounds do, p2pfed/peer.py): slices already returned hold means that include the dropped member's update, and the same
-means over the members left would give that update away. Composes with every linear reduction (fp32, fp16, uint8,
-shared-seed random-k coordinates, PowerSGD's P and Q), since each all-reduce of a round goes through here.
+a model. The members left re-run the round at once with the same updates (fresh masks, fresh rounding: a new group)
+only if none of them holds a piece of the failed round's result (p2pfed/phases.py: may_reform): such a piece is a
+mean that includes the dropped member's update, and the same mean over the members left would give that update
+away. A member that holds one loses the round's step instead, and the next round forms without the dropped member.
+
+Composes with every linear reduction (fp32, fp16, uint8, shared-seed random-k coordinates, PowerSGD's P and Q),
+since each all-reduce of a round goes through here.
 """
 
 from __future__ import annotations

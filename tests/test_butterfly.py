@@ -178,6 +178,8 @@ def test_parts_travel_in_pieces_and_a_failed_piece_fails_the_round(monkeypatch: 
             outcomes = await asyncio.gather(*calls)
             assert [mean for mean, _ in outcomes] == [None, None, None]
             assert all(stats.reason for _, stats in outcomes)
+            # the pieces before the bad one were reduced and returned: each member holds part of a failed result
+            assert all(stats.held for _, stats in outcomes)
 
     _run(main())
 
@@ -226,8 +228,27 @@ def test_a_member_that_never_shows_up_fails_the_round_for_everyone_and_writes_no
         async with _members(3) as butterflies:
             vectors = _vectors(3, 10_000)
             before = [v.clone() for v in vectors]
-            results = await _allreduce_all(butterflies, vectors, [1.0] * 3, [1, 1, 1], Fp32(), absent=[2], timeout=6)
-            assert results == [None, None]
+            peers = [b.p2p.peer_id for b in butterflies]
+            outcomes = await asyncio.gather(
+                *(
+                    butterflies[i].allreduce(
+                        b"group-1",
+                        peers,
+                        i,
+                        vectors[i],
+                        weight=1.0,
+                        shares=[1, 1, 1],
+                        codec=Fp32(),
+                        round=7,
+                        timeout=6,
+                    )  # fmt: skip
+                    for i in (0, 1)
+                )
+            )
+            assert [mean for mean, _ in outcomes] == [None, None]
+            absent = peers[2].to_base58()
+            for _, stats in outcomes:  # the missing member is named, and no piece of a result reached anyone
+                assert absent in stats.unreachable and not stats.held
             for v, b in zip(vectors, before, strict=True):
                 assert torch.equal(v, b)
             # The same members average fine in the next round: nothing of the failed one lingers.

@@ -1,7 +1,8 @@
 """DiLoCo mode: peers take inner_steps local AdamW steps, average the pseudo-gradient once per round, and take an
 outer Nesterov step from the shared point. Three real peers: the loss falls, the shared parameters agree, and the
 bytes sent are one all-reduce per round (1/inner_steps of synchronous averaging per step). A member that vanishes in
-the middle of a round: the others re-form that round at once and lose no inner steps."""
+the middle of a masked round: the others re-form that round at once and lose no inner steps, and the rule that allows
+it only to members that hold no piece of the failed result."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from p2pfed.actors.messages import RoundResult
+from p2pfed.config import load_config
+from p2pfed.phases import may_reform
 from p2pfed.report import max_param_divergence
 from tests.conftest import TINY, Launcher, PeerProcess, group_members, wait_no_leftovers
 
@@ -50,10 +54,26 @@ def test_diloco_swarm_trains_and_agrees(launcher: Launcher, tmp_path: Path) -> N
     assert wait_no_leftovers(launcher) == []
 
 
+def test_a_round_is_re_formed_when_members_vanished_and_masked_only_where_no_piece_is_held() -> None:
+    plain, masked = load_config(TINY), load_config(TINY, ["privacy.secure_aggregation=true"])
+    failed = RoundResult(
+        committed=False, group_size=3, reason="incomplete all-reduce: member x is gone", max_group_step=10,
+        min_group_step=10, unreachable=("x",),
+    )  # fmt: skip
+    held = RoundResult(**{**failed.__dict__, "held": True})
+    assert may_reform(plain, failed, 10) and may_reform(plain, held, 10)
+    assert may_reform(masked, failed, 10)
+    assert not may_reform(masked, held, 10)  # a mean with the vanished member's update is out: no second mean
+    assert not may_reform(plain, RoundResult(**{**failed.__dict__, "unreachable": ("x", "y")}), 10)  # 1 left
+    assert not may_reform(plain, RoundResult(**{**failed.__dict__, "reason": "group members were at different"}), 10)
+    assert not may_reform(plain, failed, 11)
+
+
 def test_a_member_that_vanishes_mid_round_costs_the_others_no_inner_steps(launcher: Launcher, tmp_path: Path) -> None:
-    # Prepare: three peers in DiLoCo rounds; the third SIGKILLs its whole process group (main, DHT, averager, p2pd)
-    # once the all-reduce of its second round is under way, as a machine that vanishes would. (Overlapped rounds
-    # re-form through the same phases.run_round.)
+    # Prepare: three peers in masked DiLoCo rounds; the third SIGKILLs its whole process group (main, DHT, averager,
+    # p2pd) once the all-reduce of its second round is under way, before any of its parts left, as a machine that
+    # vanishes would. No piece of that round's result reached anyone, so the two others may re-form it with the same
+    # updates under fresh masks. (Plain rounds re-form by the same phases.run_round, overlapped ones too.)
     steps, inner = 30, 5
 
     def peer(i: int, *extra: str) -> PeerProcess:
@@ -61,6 +81,7 @@ def test_a_member_that_vanishes_mid_round_costs_the_others_no_inner_steps(launch
             "peer", "--config", TINY, "--max-steps", str(steps), "--events", "jsonl",
             "--set", "averaging.mode=diloco", "--set", f"averaging.inner_steps={inner}",
             "--set", "averaging.overlap=false",
+            "--set", "privacy.secure_aggregation=true", "--set", "compression.name=uint8",
             "--set", "swarm.min_peers=3", "--set", "data.num_partitions=3", "--set", f"data.partition_index={i}",
             "--report", str(tmp_path / f"peer{i}.json"), "--save-params", str(tmp_path / f"peer{i}.safetensors"),
             *extra, name=f"peer{i}",

@@ -231,6 +231,7 @@ class Averager(Actor):
                 result,
                 reason=f"incomplete all-reduce: {outcome['reason']}",
                 unreachable=tuple(outcome["unreachable"]),
+                held=bool(outcome["held"]),
             )
         if gossip:  # members may be at different steps and hold different parameters: that is what gossip averages
             with self.avg.get_tensors() as (buffer,):

@@ -208,6 +208,7 @@ class RoundResult:
     started_at: float = 0.0  # DHT time the last member arrived; with `lag`, the same on every member
     lag: float = 0.0  # the mean of the members' gathered lags
     reformed: bool = False  # run again by the members left after members vanished mid-round (phases.run_round)
+    held: bool = False  # a failed round: this peer holds a piece of its result (a reduced or returned piece)
 
 
 @dataclass(frozen=True)
