@@ -16,7 +16,9 @@ gets `None` back; the caller's vector is never written, so a failed round never 
 
 Wire format, little-endian. Request: magic "P2PF", tag length u16, tag, sender index u16, weight f64, then one
 payload per piece (a pull for a broadcast: magic "P2PB", tag, sender, weight 0, seconds to wait f64). Reply, per
-piece: status u8 (0 ok, 1 error), then a payload (ok) or a UTF-8 reason (error), u32 length first. A
+piece: status u8 (0 ok, 1 error, 3 this peer is not in that all-reduce), then a payload (ok) or a UTF-8 reason,
+u32 length first. While a piece's mean waits for other members' copies the reducer sends status 2 (waiting, no
+body) every chunk_timeout / 3, so a sender blames a silent member, not the live reducer that waits for it. A
 payload is its header-int count u8, the int32 header ints, the data length u64, and the data. Bytes are counted on
 the wire in both directions, per remote peer. On direct TCP in a run with a swarm key, all of it travels inside
 sealed records (p2pfed/channel.py: SealedChannel), and a connection that does not open sealed is refused.
@@ -40,7 +42,7 @@ from hivemind.p2p import P2P, PeerID
 
 from p2pfed.channel import SEALED, Channel, SealedChannel, SocketChannel, StreamChannel, Unsealed
 from p2pfed.compression import Compressor, Payload
-from p2pfed.pieces import ButterflyStats, PartFailed, ReducerFailed, Slice, piece_round, piece_sizes
+from p2pfed.pieces import ButterflyStats, NotJoined, PartFailed, ReducerFailed, Slice, piece_round, piece_sizes
 from p2pfed.relay import Forwarder
 from p2pfed.robust import Guard, Rule, all_finite
 
@@ -57,6 +59,7 @@ _WAIT = struct.Struct("<d")  # seconds a puller waits for the root
 _MAX_PULL_WAIT = 600.0
 _U8, _U16, _U32, _U64 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 _MAX_PAYLOAD = 1 << 36  # a header claiming more than 64 GiB is not from a p2pfed peer
+_OK, _ERROR, _WAITING, _NOT_JOINED = 0, 1, 2, 3  # reply statuses
 
 
 def split_sizes(numel: int, shares: Sequence[float]) -> list[int]:
@@ -308,12 +311,17 @@ class Butterfly:
 
         async def receive() -> None:
             for index, dest in enumerate(out.split(sizes)):
-                status = (await channel.read_exactly(1))[0]
-                stats.bytes_received += 1
-                if status != 0:
-                    reason = await _read_blob(channel, limit=1 << 16)
-                    stats.bytes_received += 4 + len(reason)
-                    raise ReducerFailed(f"reducer {remote[-6:]} failed: {reason.decode(errors='replace')}")
+                status = _WAITING
+                while status == _WAITING:  # the reducer is there, waiting for other members' copies
+                    status = (await channel.read_exactly(1))[0]
+                    stats.bytes_received += 1
+                if status != _OK:
+                    blob = await _read_blob(channel, limit=1 << 16)
+                    stats.bytes_received += 4 + len(blob)
+                    reason = blob.decode(errors="replace")
+                    if status == _NOT_JOINED:  # this member itself is missing from the round
+                        raise PartFailed(f"member {remote[-6:]}: {reason}")
+                    raise ReducerFailed(f"reducer {remote[-6:]} failed: {reason}")
                 try:
                     _, n = await _read_piece(
                         channel, reply_codec or codec, dest.numel(), piece_round(round, index), into=dest
@@ -409,7 +417,7 @@ class Butterfly:
             except TimeoutError:
                 if not piece.done():
                     self._slices.pop(tag, None)
-                raise PartFailed("this peer never started that all-reduce") from None
+                raise NotJoined("this peer never started that all-reduce") from None
             if remote is not None and remote not in mine.peers:
                 raise PartFailed(f"peer {remote.to_base58()[-6:]} is not a member of this all-reduce")
             reading: asyncio.Future[None] | None = None
@@ -425,8 +433,8 @@ class Butterfly:
                 reading.add_done_callback(_retrieve)
             try:
                 for index in range(len(mine.sizes)):  # each piece's mean goes back as soon as it is reduced
-                    payload = await asyncio.wait_for(mine.piece(index), self.chunk_timeout * 3)
-                    sent = await _write(channel, b"\x00", payload)
+                    payload = await self._when_reduced(channel, mine, index)
+                    sent = await _write(channel, _U8.pack(_OK), payload)
                     mine.stats.add_sent(mine.peers[sender].to_base58() if sender < len(mine.peers) else "?", sent)
                 if reading is not None:
                     await reading
@@ -445,11 +453,25 @@ class Butterfly:
                 logger.debug("part not reduced: %s", reason)
             try:
                 blob = reason.encode()[: 1 << 16]
-                await channel.send(b"\x01" + _U32.pack(len(blob)) + blob)
+                status = _NOT_JOINED if isinstance(e, NotJoined) else _ERROR
+                await channel.send(_U8.pack(status) + _U32.pack(len(blob)) + blob)
             except Exception:
                 pass  # the sender is gone; its own read fails and it records the round as failed
         finally:
             channel.close()
+
+    async def _when_reduced(self, channel: Channel, mine: Slice, index: int) -> Payload:
+        """Piece `index`'s mean once every member's copy is in, within chunk_timeout * 3; meanwhile a waiting status
+        every chunk_timeout / 3, which tells the sender that this reducer is there."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.chunk_timeout * 3
+        while True:
+            try:
+                return await asyncio.wait_for(mine.piece(index), min(self.chunk_timeout / 3, deadline - loop.time()))
+            except TimeoutError:
+                if loop.time() >= deadline:
+                    raise
+            await channel.send(_U8.pack(_WAITING))
 
     async def _read_parts(self, channel: Channel, mine: Slice, sender: int, weight: float) -> None:
         """Read one sender's part piece by piece into the slice; a piece that does not arrive whole fails the slice

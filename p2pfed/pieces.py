@@ -23,7 +23,7 @@ from hivemind.p2p import PeerID
 from p2pfed.compression import Compressor, Payload
 from p2pfed.robust import Guard, Rule
 
-__all__ = ["PIECE", "ButterflyStats", "PartFailed", "ReducerFailed", "Slice", "piece_round", "piece_sizes"]
+__all__ = ["PIECE", "ButterflyStats", "NotJoined", "PartFailed", "ReducerFailed", "Slice", "piece_round", "piece_sizes"]
 
 PIECE = 1 << 20  # elements per piece of a part: the unit of reduction and reply
 
@@ -34,6 +34,10 @@ class PartFailed(Exception):
 
 class ReducerFailed(PartFailed):
     """A reducer that answered, with an error (its slice failed: another member's part never came): reachable."""
+
+
+class NotJoined(PartFailed):
+    """A member that answers for an all-reduce it never started: it is the one missing."""
 
 
 @dataclass(slots=True)

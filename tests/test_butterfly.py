@@ -247,8 +247,10 @@ def test_a_member_that_never_shows_up_fails_the_round_for_everyone_and_writes_no
             )
             assert [mean for mean, _ in outcomes] == [None, None]
             absent = peers[2].to_base58()
-            for _, stats in outcomes:  # the missing member is named, and no piece of a result reached anyone
-                assert absent in stats.unreachable and not stats.held
+            # Each survivor names the missing member alone: the other survivor, which waits for that member's part
+            # too, keeps saying so (status "waiting"), and no piece of a result reached anyone
+            for _, stats in outcomes:
+                assert stats.unreachable == {absent} and not stats.held
             for v, b in zip(vectors, before, strict=True):
                 assert torch.equal(v, b)
             # The same members average fine in the next round: nothing of the failed one lingers.
