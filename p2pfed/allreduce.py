@@ -220,6 +220,12 @@ class SwarmAverager(DecentralizedAverager):
                     logger.warning("round refused: %s", reason)
                     self._last_stats = ButterflyStats(reason=f"not admitted: {reason}")
                     return
+        if self._secure is not None:
+            refusal = _reform_refusal(group_info, gathered)
+            if refusal:
+                logger.warning("round refused: %s", refusal)
+                self._last_stats = ButterflyStats(reason=refusal)
+                return
         self._allreduces += 1
         if self._allreduces == self._die_in_allreduce:  # test aid: a machine that vanishes while its group averages
             await asyncio.sleep(2.0)  # every member has the group by now, even on a loaded machine, and waits for it
@@ -408,6 +414,25 @@ def _mask_group(
         peers=[p.to_bytes() for p in group_info.peer_ids], publics=publics, me=me, tag=group_id,
         maxabs=maxabs, weights=weights, shares=shares, relayed=frozenset(relayed),
     )  # fmt: skip
+
+
+def _reform_refusal(group_info: GroupInfo, gathered: Sequence[dict[str, Any]]) -> str:
+    """Why this masked group may not run (empty: it may). A re-formed masked round must be made of exactly the
+    members left of the failed round, each re-forming it: a member re-forms only when it holds no piece of the failed
+    result (phases.may_reform), so then no one who sees the new mean also holds the old one. A member left out, or one
+    that is not re-forming, refuses it for everyone; plain rounds claim nothing."""
+    claims = set()
+    for info in gathered:
+        claim = info.get("reform") or []
+        if not isinstance(claim, list) or not all(isinstance(peer, str) for peer in claim):
+            return "a member's claim of which round it re-forms is malformed"
+        claims.add(tuple(sorted(claim)))
+    if claims == {()}:
+        return ""
+    members = tuple(sorted(peer.to_base58() for peer in group_info.peer_ids))
+    if claims != {members}:
+        return "a re-formed masked round needs exactly the members left of the failed round, each re-forming it"
+    return ""
 
 
 def _relayed_shares(

@@ -58,7 +58,8 @@ async def run_round(
     logger.warning("round failed (%s); re-forming it with the %d members left", rnd.reason, left)
     if before_reform is not None:
         await before_reform(rnd)
-    again: RoundResult = await averager.ask(request, timeout=timeout)
+    left_ids = tuple(sorted(set(rnd.members) - set(rnd.unreachable)))
+    again: RoundResult = await averager.ask(replace(request, reform_of=left_ids), timeout=timeout)
     return replace(again, reformed=True)
 
 

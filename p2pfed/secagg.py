@@ -36,7 +36,8 @@ A member that drops out fails the butterfly round for everyone (it is strict), s
 a model. The members left re-run the round at once with the same updates (fresh masks, fresh rounding: a new group)
 only if none of them holds a piece of the failed round's result (p2pfed/phases.py: may_reform): such a piece is a
 mean that includes the dropped member's update, and the same mean over the members left would give that update
-away. A member that holds one loses the round's step instead, and the next round forms without the dropped member.
+away. A member that holds one loses the round's step instead and stays out; a re-formed masked group must be exactly
+the members left, each re-forming the same round (p2pfed/allreduce.py: _reform_refusal), or no one re-forms.
 
 Composes with every linear reduction (fp32, fp16, uint8, shared-seed random-k coordinates, PowerSGD's P and Q),
 since each all-reduce of a round goes through here.

@@ -69,6 +69,25 @@ def test_a_round_is_re_formed_when_members_vanished_and_masked_only_where_no_pie
     assert not may_reform(plain, failed, 11)
 
 
+def test_a_re_formed_masked_round_needs_exactly_the_members_left_each_re_forming_it() -> None:
+    from hivemind.averaging.group_info import GroupInfo
+    from hivemind.p2p import PeerID
+
+    from p2pfed.allreduce import _reform_refusal
+
+    a, b, c = (PeerID(b"\x00\x04" + name) for name in (b"aaaa", b"bbbb", b"cccc"))
+    pair = GroupInfo(b"g", (a, b), (b"", b""))
+    left = sorted(p.to_base58() for p in (a, b))
+    assert _reform_refusal(pair, [{"reform": []}, {}]) == ""  # plain rounds claim nothing
+    assert _reform_refusal(pair, [{"reform": left}, {"reform": list(reversed(left))}]) == ""
+    # a member that is not re-forming this round (it holds a piece of the failed result, or it is another round's)
+    assert "exactly the members left" in _reform_refusal(pair, [{"reform": left}, {"reform": []}])
+    # a member left of the failed round is missing from the new group (it holds a piece and stayed out)
+    three = sorted(p.to_base58() for p in (a, b, c))
+    assert "exactly the members left" in _reform_refusal(pair, [{"reform": three}, {"reform": three}])
+    assert "malformed" in _reform_refusal(pair, [{"reform": "x"}, {"reform": left}])
+
+
 def test_a_member_that_vanishes_mid_round_costs_the_others_no_inner_steps(launcher: Launcher, tmp_path: Path) -> None:
     # Prepare: three peers in masked DiLoCo rounds; the third SIGKILLs its whole process group (main, DHT, averager,
     # p2pd) once the all-reduce of its second round is under way, before any of its parts left, as a machine that

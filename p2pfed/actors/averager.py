@@ -179,6 +179,7 @@ class Averager(Actor):
                 "ready_at": get_dht_time(),
                 "rate": float(msg.rate),
                 "lag": float(msg.lag),
+                "reform": list(msg.reform_of),
             },
             # Give up finding a group soon after the wait: the peer then re-reads the swarm (it may be behind, or
             # alone) instead of retrying matchmaking for the whole round_timeout; gossip simply trains on.

@@ -187,6 +187,9 @@ class RunRound:
     wait_s: float | None = None  # how long a leader may wait for a full group; default averaging.matchmaking_time
     rate: float = 0.0  # this peer's samples/s, gathered so that every member sizes the next step from one table
     lag: float = 0.0  # seconds from the last round's start to this step's compute (training.share_by time)
+    # A re-formed round (phases.run_round): the members of the failed round left (base58). Under secure aggregation
+    # the new group must be exactly them, each re-forming the same round.
+    reform_of: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
