@@ -54,12 +54,11 @@ async def run_round(
     rnd: RoundResult = await averager.ask(request, timeout=timeout)
     if not may_reform(cfg, rnd, request.step):
         return rnd
-    left = rnd.group_size - len(rnd.unreachable)
-    logger.warning("round failed (%s); re-forming it with the %d members left", rnd.reason, left)
+    left = tuple(sorted(set(rnd.members) - set(rnd.unreachable)))
+    logger.warning("round failed (%s); re-forming it with the %d members left", rnd.reason, len(left))
     if before_reform is not None:
         await before_reform(rnd)
-    left_ids = tuple(sorted(set(rnd.members) - set(rnd.unreachable)))
-    again: RoundResult = await averager.ask(replace(request, reform_of=left_ids), timeout=timeout)
+    again: RoundResult = await averager.ask(replace(request, reform_of=left), timeout=timeout)
     return replace(again, reformed=True)
 
 

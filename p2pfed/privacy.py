@@ -34,6 +34,7 @@ from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
+from opacus.grad_sample.grad_sample_module import promote_current_grad_sample
 from opacus.grad_sample.utils import register_grad_sampler
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
@@ -100,7 +101,6 @@ class PerExampleGradients:
 
     def __init__(self, model: torch.nn.Module) -> None:
         GradSampleModule.validate(model, strict=True)  # opacus's check: no layer that mixes examples (BatchNorm)
-        self.handles = []
         self._current: dict[torch.nn.Parameter, torch.Tensor] = {}  # this pass's per-example gradients so far
         for module in model.modules():
             params = [p for p in module.parameters(recurse=False) if p.requires_grad]
@@ -112,7 +112,7 @@ class PerExampleGradients:
                 sampler = ft_compute_per_sample_gradient
             for p in params:
                 p.grad_sample = None  # type: ignore[attr-defined]
-            self.handles.append(module.register_forward_hook(functools.partial(self._forward, sampler)))
+            module.register_forward_hook(functools.partial(self._forward, sampler))
 
     def _forward(self, sampler: Any, module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
@@ -130,14 +130,11 @@ class PerExampleGradients:
                 self._current[p] = sample
 
     def end_pass(self) -> None:
-        """After a backward pass: its per-example gradients join p.grad_sample (a list after several passes)."""
+        """After a backward pass: its per-example gradients join p.grad_sample (a list after several passes), as
+        opacus's own hooks leave them."""
         for p, sample in self._current.items():
-            if p.grad_sample is None:  # type: ignore[attr-defined]
-                p.grad_sample = sample  # type: ignore[attr-defined]
-            elif isinstance(p.grad_sample, list):  # type: ignore[attr-defined]
-                p.grad_sample.append(sample)  # type: ignore[attr-defined]
-            else:
-                p.grad_sample = [p.grad_sample, sample]  # type: ignore[attr-defined]
+            p._current_grad_sample = sample  # type: ignore[attr-defined]
+            promote_current_grad_sample(p)
         self._current = {}
 
     def reset(self) -> None:

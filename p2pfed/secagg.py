@@ -204,9 +204,10 @@ class SecureAggregation:
         keystream = np.empty(size, dtype=np.uint16 if bits <= 16 else np.uint32)  # uniform modulo 2^b either way
         zeros = np.zeros(keystream.nbytes, dtype=np.uint8)
         me, sizes = group.me, group.sizes(numel)
-        mine = sum(sizes[:me])  # where this member's own slice starts
+        firsts = list(itertools.accumulate([0, *sizes[:-1]]))  # where each member's slice starts
+        mine = firsts[me]
         chunks = []  # (start, stop, reducer): no chunk spans two slices
-        for reducer, (first, part) in enumerate(zip(itertools.accumulate([0, *sizes[:-1]]), sizes, strict=True)):
+        for reducer, (first, part) in enumerate(zip(firsts, sizes, strict=True)):
             chunks += [(lo, min(lo + _CHUNK, first + part), reducer) for lo in range(first, first + part, _CHUNK)]
         for start, stop, reducer in chunks:
             count = stop - start
