@@ -9,7 +9,6 @@ touches the model. hivemind keeps its group matchmaking (leaders, group keys in 
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import functools
 import logging
@@ -39,7 +38,7 @@ from p2pfed.hierarchy import Member, hierarchical_allreduce
 from p2pfed.lifeline import start_lifeline
 from p2pfed.reductions import AllReduce, Dense, Reduction, round_seed
 from p2pfed.robust import Guard, Rule
-from p2pfed.secagg import Group, SecureAggregation
+from p2pfed.secagg import Group, SecureAggregation, keep_held
 
 __all__ = ["SwarmAverager", "listen_tcp"]
 
@@ -99,6 +98,10 @@ class SwarmAverager(DecentralizedAverager):
         self._rule = rule  # a robust rule instead of the weighted mean of dense updates (p2pfed/robust.py)
         self._tcp_socket = tcp_socket  # listening; inherited by the averager process, which accepts on it
         self._butterfly: Butterfly | None = None  # made in the averager process, on its event loop
+        # A failed masked dense round: its group id (hex), the pieces of its result this peer holds and their values,
+        # for the round that re-forms it (keep_held); and what step() reports of them
+        self._held: tuple[str, list[tuple[int, int, bool]], torch.Tensor | None] | None = None
+        self._held_report: dict[str, Any] | None = None
         kwargs.setdefault("state_compression", NoCompression())
         super().__init__(averaged_tensors, dht, **kwargs)
 
@@ -192,6 +195,7 @@ class SwarmAverager(DecentralizedAverager):
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
         self._last_stats: ButterflyStats | None = None
+        self._held_report = None
         gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
         stats = self._last_stats
         return {
@@ -202,6 +206,7 @@ class SwarmAverager(DecentralizedAverager):
             "dropped": len(stats.dropped) if stats else 0,
             "unreachable": sorted(stats.unreachable) if stats else [],
             "held": stats.held if stats else False,
+            "held_pieces": self._held_report,
             "bytes_sent": stats.bytes_sent if stats else 0,
             "bytes_received": stats.bytes_received if stats else 0,
             "sent_by_peer": dict(stats.sent_by_peer) if stats else {},
@@ -213,6 +218,7 @@ class SwarmAverager(DecentralizedAverager):
         group_id = group_info.group_id if group_id is None else group_id
         self._running_groups[group_id].set_result(None)  # hivemind's bookkeeping: this group's all-reduce started
         gathered = self._gathered(group_info)
+        held, self._held = self._held, None
         if self._admission is not None:  # before any byte of an update moves
             for peer, info in zip(group_info.peer_ids, gathered, strict=True):
                 reason = self._admission.check(peer.to_bytes(), info.get("admit"), name=peer.to_base58())
@@ -220,19 +226,26 @@ class SwarmAverager(DecentralizedAverager):
                     logger.warning("round refused: %s", reason)
                     self._last_stats = ButterflyStats(reason=f"not admitted: {reason}")
                     return
+        (buffer,) = tensors
+        claims: list[list[tuple[int, int, bool]]] | None = None
         if self._secure is not None:
             refusal = _reform_refusal(group_info, gathered)
+            claims = None if refusal else _held_claims(gathered, buffer.numel())  # type: ignore[assignment]
+            if isinstance(claims, str):
+                refusal = claims
             if refusal:
                 logger.warning("round refused: %s", refusal)
                 self._last_stats = ButterflyStats(reason=refusal)
                 return
         self._allreduces += 1
-        if self._allreduces == self._die_in_allreduce:  # test aid: a machine that vanishes while its group averages
-            await asyncio.sleep(2.0)  # every member has the group by now, even on a loaded machine, and waits for it
-            _die(f"fault injection: dying in the middle of round {self._allreduces}")
         peers = list(group_info.peer_ids)
         me = peers.index(self.peer_id)
         butterfly = self._get_butterfly()
+        # test aid: a machine that vanishes mid-transfer: its parts have left, its slice's means have not, and it dies
+        # once the first averaged piece of its round is back (a reducer holds a piece of the result), or at the end
+        dying = f"fault injection: dying in the middle of round {self._allreduces}"
+        die = self._allreduces == self._die_in_allreduce
+        butterfly.on_reply, butterfly.hold_replies = ((lambda: _die(dying)), True) if die else (None, False)
         shares = _relayed_shares([float(f) for f in kwargs["peer_fractions"]], gathered, butterfly.via, peers)
         weight = 1.0 if kwargs.get("weight") is None else float(kwargs["weight"])
         stats = ButterflyStats()
@@ -289,12 +302,26 @@ class SwarmAverager(DecentralizedAverager):
             return mean
 
         allreduce: AllReduce = plain_allreduce
+        describable = self._secure is not None and isinstance(self._reduction, Dense) and members is None
         if self._secure is not None:
             relayed = {i for i, peer in enumerate(peers) if peer in butterfly.via}
             group = _mask_group(group_info, gathered, me, group_id, shares=shares, relayed=relayed)
             if isinstance(group, str):
                 stats.reason = group
                 return
+            if claims is not None:  # a re-formed round: the pieces of the failed result that members hold stay
+                mine = gathered[me]["held"]["round"]
+                if held is None or held[0] != mine or not describable:
+                    stats.reason = "this peer no longer has the pieces of the failed round it claims to hold"
+                    return
+                kept, zeroed = keep_held(
+                    buffer.reshape(-1), me=me, pieces=claims, values=held[2], weights=group.weights
+                )
+                if kept or zeroed:
+                    logger.info(
+                        "re-formed masked round keeps %d values of the failed round's result (%d more zeroed: held "
+                        "in part only)", kept, zeroed,
+                    )  # fmt: skip
             allreduce = functools.partial(
                 self._secure.allreduce,
                 inner=plain_allreduce,
@@ -302,7 +329,6 @@ class SwarmAverager(DecentralizedAverager):
                 scaled={"dense"} if isinstance(self._reduction, Dense) else set(),  # its vector is the step's tensor
             )
 
-        (buffer,) = tensors
         t0 = time.perf_counter()
         try:
             mean = await self._reduction.run(buffer.reshape(-1), allreduce, round=seed)
@@ -310,10 +336,26 @@ class SwarmAverager(DecentralizedAverager):
             stats.seconds = time.perf_counter() - t0
             self._counters.sent.value += stats.bytes_sent
             self._counters.received.value += stats.bytes_received
+        if die:
+            _die(dying)
         if mean is None:
             stats.reason = stats.reason or "the all-reduce failed"
+            if describable and (stats.partial is not None or not stats.held):
+                self._keep_pieces(group_id, stats)
             return
         buffer.reshape(-1).copy_(mean)
+
+    def _keep_pieces(self, group_id: bytes, stats: ButterflyStats) -> None:
+        """Keep the pieces of a failed masked dense round's result that this peer holds, for the round that re-forms
+        it, and report where they are and the largest |value| among the whole ones."""
+        values = stats.partial
+        whole = [values[a:b].abs().max() for a, b, w in stats.pieces if w and values is not None]
+        self._held = (group_id.hex(), list(stats.pieces), values)
+        self._held_report = {
+            "round": group_id.hex(),
+            "pieces": [[start, stop, whole] for start, stop, whole in stats.pieces],
+            "abs": float(max(whole)) if whole and values is not None else 0.0,
+        }
 
     def _gathered(self, group_info: GroupInfo) -> list[dict[str, Any]]:
         """What each member passed as `gather` to step(), in group order ({} for a member that passed none)."""
@@ -399,8 +441,11 @@ def _mask_group(
 ) -> Group | str:
     """The group as secure aggregation needs it, or the reason it cannot mask (a member published no mask key).
     `shares` split each vector among the reducers; `relayed`: the members reached through a relay."""
-    publics, maxabs, weights = [], [], []
+    publics, maxabs, weights, held_abs = [], [], [], 0.0
     for peer, info in zip(group_info.peer_ids, gathered, strict=True):
+        held = info.get("held")
+        if isinstance(held, dict):  # checked by _held_claims
+            held_abs = max(held_abs, abs(float(held["abs"])))
         mine = info.get("secagg")
         if not isinstance(mine, dict):
             mine = {}
@@ -412,7 +457,7 @@ def _mask_group(
         weights.append(float(mine.get("weight", 1.0)))
     return Group(
         peers=[p.to_bytes() for p in group_info.peer_ids], publics=publics, me=me, tag=group_id,
-        maxabs=maxabs, weights=weights, shares=shares, relayed=frozenset(relayed),
+        maxabs=maxabs, weights=weights, shares=shares, relayed=frozenset(relayed), held_abs=held_abs,
     )  # fmt: skip
 
 
@@ -433,6 +478,28 @@ def _reform_refusal(group_info: GroupInfo, gathered: Sequence[dict[str, Any]]) -
     if claims != {members}:
         return "a re-formed masked round needs exactly the members left of the failed round, each re-forming it"
     return ""
+
+
+def _held_claims(gathered: Sequence[dict[str, Any]], numel: int) -> list[list[tuple[int, int, bool]]] | str | None:
+    """What each member of a re-formed masked round holds of the failed round's result, in group order (None: no
+    member says, a plain round or one whose failed round was not a dense one), or why the claims cannot stand: every
+    member must name the same failed round, with pieces inside the vector."""
+    helds = [info.get("held") for info in gathered]
+    if all(held is None for held in helds):
+        return None
+    rounds, claims = set(), []
+    for held in helds:
+        try:
+            assert isinstance(held, dict) and isinstance(held["round"], str)
+            pieces = [(int(a), int(b), bool(w)) for a, b, w in held["pieces"]]
+            assert all(0 <= a < b <= numel for a, b, _ in pieces) and math.isfinite(float(held["abs"]))
+        except (AssertionError, KeyError, TypeError, ValueError):
+            return "a member's claim of the pieces it holds of the failed round is malformed"
+        rounds.add(held["round"])
+        claims.append(pieces)
+    if len(rounds) > 1:
+        return "the members of a re-formed masked round re-form different rounds"
+    return claims
 
 
 def _relayed_shares(

@@ -30,6 +30,8 @@ a peer's own values, and its compression is fixed to hivemind's codecs (see docs
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import socket
 import struct
@@ -94,6 +96,9 @@ class Butterfly:
         self.forwarder = Forwarder(p2p, name=name, on_bytes=on_forwarded)
         self.via: dict[PeerID, PeerID] = {}  # members that take streams only through a relay -> their relay
         self.chunk_timeout = chunk_timeout
+        # test aids: a callback once each averaged piece is back whole, and a reducer whose means never go back
+        self.on_reply: Callable[[], None] | None = None
+        self.hold_replies = False
 
     @property
     def chunk_timeout(self) -> float:
@@ -146,6 +151,9 @@ class Butterfly:
         are not finite or break its norm bound before this peer's slice sums them, and every averaged part that
         comes back must be finite; `rule` replaces the weighted mean of each piece (p2pfed/robust.py). `clear`
         (secure aggregation): this member's own part before masking, which its slice's codec adds apart.
+
+        A failed all-reduce leaves in stats the pieces of the result this peer holds anyway (`pieces`, `partial`):
+        the ones its slice reduced and the replies that came, which secure aggregation must know to re-run it.
         """
         replies = reply_codec or codec
         stats = ButterflyStats()
@@ -153,6 +161,7 @@ class Butterfly:
         parts = list(vector.split(sizes))
         out = torch.empty(vector.numel(), dtype=replies.dtype)  # each averaged part is read (or decoded) into place
         outs = list(out.split(sizes))
+        got: dict[tuple[int, int], bool] = {}  # (reducer, piece index) -> whole, for each reply begun
         piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
         mine = Slice(
             peers=peers, senders=len(peers), size=sizes[me], codec=codec, round=round, stats=stats,
@@ -182,6 +191,7 @@ class Butterfly:
                         routes=routes,
                         reply_codec=replies,
                         check_replies=guard is not None,
+                        on_piece=functools.partial(_record, got, j),
                     ),
                 )  # fmt: skip
                 if j != me and sizes[j] > 0
@@ -198,7 +208,8 @@ class Butterfly:
             mine.fail("the all-reduce ended")  # a sender still waiting on this peer's slice gets a clear reply
             self._slices.pop(tag, None)
         stats.held = stats.held or mine.reduced > 0
-        if sizes[me] > 0 and not mine.error and len(peers) > 1:
+        failed = any(isinstance(r, BaseException) for r in results)
+        if sizes[me] > 0 and not mine.error and len(peers) > 1 and not failed:
             try:  # the round's byte count includes the replies this peer's slice still has to write
                 await asyncio.wait_for(mine.all_replied.wait(), self.chunk_timeout)
             except TimeoutError:
@@ -212,6 +223,15 @@ class Butterfly:
             if unexpected:
                 raise unexpected[0]
             stats.reason = str(failures[0]) or type(failures[0]).__name__
+            if sizes[me] > 0:
+                got.update({(me, index): True for index in mine.decode_reduced(outs[me])})
+            starts = list(itertools.accumulate([0, *sizes[:-1]]))
+            bounds = [
+                list(itertools.accumulate(piece_sizes(size), initial=start))
+                for start, size in zip(starts, sizes, strict=True)
+            ]
+            stats.pieces = [(bounds[j][i], bounds[j][i + 1], whole) for (j, i), whole in sorted(got.items())]
+            stats.partial = out
             return None, stats
         return out, stats
 
@@ -287,10 +307,12 @@ class Butterfly:
         routes: Routes | None = None,
         reply_codec: Compressor | None = None,
         check_replies: bool = False,
+        on_piece: Callable[[int, bool], None] | None = None,
     ) -> None:
         """Send `part` to the member that reduces it and read the averaged part back into `out`; with part None, read
         the vector that member broadcasts into `out`. `check_replies`: an averaged piece that is not finite fails
-        the exchange (a reducer that sends one must not reach the model)."""
+        the exchange (a reducer that sends one must not reach the model). `on_piece(index, whole)`: a reply's piece
+        began to arrive (whole False), and then arrived whole and usable (True)."""
         remote = peer.to_base58()
         try:
             channel = await asyncio.wait_for(self._open(peer, routes), self.chunk_timeout)
@@ -322,6 +344,8 @@ class Butterfly:
                     if status == _NOT_JOINED:  # this member itself is missing from the round
                         raise PartFailed(f"member {remote[-6:]}: {reason}")
                     raise ReducerFailed(f"reducer {remote[-6:]} failed: {reason}")
+                if on_piece is not None:
+                    on_piece(index, False)
                 try:
                     _, n = await _read_piece(
                         channel, reply_codec or codec, dest.numel(), piece_round(round, index), into=dest
@@ -332,6 +356,10 @@ class Butterfly:
                 stats.held = True
                 if check_replies and dest.is_floating_point() and not all_finite(dest):
                     raise PartFailed(f"reducer {remote[-6:]} sent back a mean that is not finite")
+                if on_piece is not None:
+                    on_piece(index, True)
+                if self.on_reply is not None:
+                    self.on_reply()
 
         sending = asyncio.ensure_future(send())  # replies to early pieces arrive while later ones still go out
         sending.add_done_callback(_retrieve)
@@ -465,6 +493,9 @@ class Butterfly:
         every chunk_timeout / 3, which tells the sender that this reducer is there."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.chunk_timeout * 3
+        while self.hold_replies:
+            await asyncio.sleep(self.chunk_timeout / 3)
+            await channel.send(_U8.pack(_WAITING))
         while True:
             try:
                 return await asyncio.wait_for(mine.piece(index), min(self.chunk_timeout / 3, deadline - loop.time()))
@@ -555,6 +586,10 @@ async def _stop(task: asyncio.Future[Any]) -> None:
     if not task.done():
         task.cancel()
         await asyncio.wait([task])
+
+
+def _record(got: dict[tuple[int, int], bool], reducer: int, index: int, whole: bool) -> None:
+    got[reducer, index] = whole
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

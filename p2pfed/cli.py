@@ -139,7 +139,8 @@ def _jsonl_sink(kind: str, data: dict[str, Any]) -> None:
 @click.option("--fault-update", type=click.Choice(["nan", "inf", "huge", "mixed"]), hidden=True,
               help="test aid: send NaN, inf or 1e30 values in this peer's updates (mixed: each in turn)")  # fmt: skip
 @click.option("--die-in-round", type=int, hidden=True,
-              help="test aid: SIGKILL this peer's process group once its Nth round's all-reduce runs")  # fmt: skip
+              help="test aid: SIGKILL this peer's process group in its Nth round's all-reduce, once the "
+                   "first averaged piece is back, its own slice's means held back")  # fmt: skip
 @click.option("-v", "--verbose", is_flag=True, help="debug logs, hivemind's included")
 @user_errors
 def peer(

@@ -25,10 +25,11 @@ logger = logging.getLogger(__name__)
 def may_reform(cfg: Config, rnd: RoundResult, step: int) -> bool:
     """Whether the members left run a failed round again at once, with the same update, instead of losing the step
     (in DiLoCo, every inner step of the phase): when it failed only because members vanished mid-round, enough are
-    left, and everyone was at this step. Under secure aggregation only if this peer holds no piece of the failed
-    round's result: such a piece is a mean that includes the vanished member's update, and the same mean over the
-    members left would give that update away. Every member decides for itself, so a re-formed masked round has no
-    member that holds one (a member that does not re-form stays out of it, and its step is lost)."""
+    left, and everyone was at this step. Under secure aggregation a piece of the failed round's result that a member
+    holds is a mean that includes the vanished member's update, and the same mean over the members left would give
+    that update away: the re-formed round keeps those pieces as they are (secagg.keep_held), so a peer that holds one
+    re-forms only if it can say which (a dense round; held_pieces). Else it stays out, and its step is lost (and,
+    since a re-formed masked group must be exactly the members left, the others' too)."""
     left = rnd.group_size - len(rnd.unreachable)
     return (
         not rnd.committed
@@ -37,7 +38,7 @@ def may_reform(cfg: Config, rnd: RoundResult, step: int) -> bool:
         and not rnd.diverged
         and rnd.min_group_step == rnd.max_group_step == step
         and left >= cfg.averaging.min_group_size
-        and not (cfg.privacy.secure_aggregation and rnd.held)
+        and not (cfg.privacy.secure_aggregation and rnd.held and rnd.held_pieces is None)
     )
 
 
@@ -55,10 +56,14 @@ async def run_round(
     if not may_reform(cfg, rnd, request.step):
         return rnd
     left = tuple(sorted(set(rnd.members) - set(rnd.unreachable)))
-    logger.warning("round failed (%s); re-forming it with the %d members left", rnd.reason, len(left))
+    held = sum(stop - start for start, stop, _ in rnd.held_pieces["pieces"]) if rnd.held_pieces else 0
+    logger.warning(
+        "round failed (%s); re-forming it with the %d members left%s", rnd.reason, len(left),
+        f", keeping the {held} values of its result this peer holds" if held else "",
+    )  # fmt: skip
     if before_reform is not None:
         await before_reform(rnd)
-    again: RoundResult = await averager.ask(replace(request, reform_of=left), timeout=timeout)
+    again: RoundResult = await averager.ask(replace(request, reform_of=left, held=rnd.held_pieces), timeout=timeout)
     return replace(again, reformed=True)
 
 

@@ -52,8 +52,13 @@ class ButterflyStats:
     dropped: list[str] = field(default_factory=list)  # members' copies this peer's slices dropped, and why
     unreachable: set[str] = field(default_factory=set)  # members (base58 ids) whose part or reply never came whole
     # this peer holds a piece of the result: its slice reduced one, or a reducer's reply came (secure aggregation
-    # re-forms a failed round only where no member holds one: p2pfed/phases.py)
+    # re-forms a failed round only where it can tell which pieces: p2pfed/phases.py)
     held: bool = False
+    # a failed all-reduce: the pieces of its result this peer holds, as (start, stop, whole) in the vector's
+    # coordinates (whole: every value of it is in `partial`; else only some of its bytes came), and the result
+    # buffer those whole pieces are in
+    pieces: list[tuple[int, int, bool]] = field(default_factory=list)
+    partial: torch.Tensor | None = None
 
     def add_sent(self, peer: str, n: int) -> None:
         self.bytes_sent += n
@@ -69,6 +74,8 @@ class ButterflyStats:
         self.dropped += other.dropped
         self.unreachable |= other.unreachable
         self.held = self.held or other.held
+        if other.partial is not None:  # a round of one all-reduce (secure dense rounds) is what uses them
+            self.pieces, self.partial = other.pieces, other.partial
 
 
 def piece_sizes(size: int) -> list[int]:
@@ -180,9 +187,18 @@ class Slice:
 
     def decode_into(self, out: torch.Tensor) -> torch.Tensor:
         """This slice's mean as every member decodes it, from the replies, written into `out` (size,)."""
-        for index, (payload, dest) in enumerate(zip(self.reply, out.split(self.sizes), strict=True)):
-            if payload is None:
-                raise PartFailed(f"this peer's slice failed: {self.error}")
-            decoded = self.reply_codec.decompress(payload, numel=dest.numel(), round=piece_round(self.round, index))
-            dest.copy_(decoded)
+        if len(self.decode_reduced(out)) < len(self.sizes):
+            raise PartFailed(f"this peer's slice failed: {self.error}")
         return out
+
+    def decode_reduced(self, out: torch.Tensor) -> list[int]:
+        """The pieces reduced so far, decoded into their place in `out` (size,) as every member decodes them; their
+        indices."""
+        done = []
+        for index, (payload, dest) in enumerate(zip(self.reply, out.split(self.sizes), strict=True)):
+            if payload is not None:
+                dest.copy_(
+                    self.reply_codec.decompress(payload, numel=dest.numel(), round=piece_round(self.round, index))
+                )
+                done.append(index)
+        return done

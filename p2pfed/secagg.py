@@ -33,11 +33,12 @@ One all-reduce of `vector` (flat fp32) under masks, with `inner` the plain all-r
    leg carries the group's result, nothing private). Bit for bit what the same round computes without masks.
 
 A member that drops out fails the butterfly round for everyone (it is strict), so a half-masked sum never reaches
-a model. The members left re-run the round at once with the same updates (fresh masks, fresh rounding: a new group)
-only if none of them holds a piece of the failed round's result (p2pfed/phases.py: may_reform): such a piece is a
-mean that includes the dropped member's update, and the same mean over the members left would give that update
-away. A member that holds one loses the round's step instead and stays out; a re-formed masked group must be exactly
-the members left, each re-forming the same round (p2pfed/allreduce.py: _reform_refusal), or no one re-forms.
+a model. The members left re-run the round at once with the same updates (fresh masks, fresh rounding: a new group;
+p2pfed/phases.py: may_reform). A piece of the failed round's result that a member holds (its slice reduced it, or
+its reply came) is a mean that includes the dropped member's update, and the same mean over the members left would
+give that update away, so the re-run keeps those pieces (keep_held): every member names the pieces it holds, and
+there the holders put in the held mean and the others zero. A re-formed masked group must be exactly the members
+left, each re-forming the same round (p2pfed/allreduce.py: _reform_refusal, _held_claims), or no one re-forms.
 
 Composes with every linear reduction (fp32, fp16, uint8, shared-seed random-k coordinates, PowerSGD's P and Q),
 since each all-reduce of a round goes through here.
@@ -65,7 +66,7 @@ from p2pfed.compression import Compressor, Fp16, Fp32, Uint8
 from p2pfed.compression.base import RoundingBytes
 from p2pfed.compression.ring import Ring
 
-__all__ = ["Group", "MaskKey", "SecureAggregation", "ring_bits"]
+__all__ = ["Group", "MaskKey", "SecureAggregation", "keep_held", "ring_bits"]
 
 # inner(vector, codec, phase, reply=None, clear=None): the plain all-reduce; `reply` is the codec the reduced slices
 # come back in, `clear` this member's values before masking (Butterfly.allreduce)
@@ -106,6 +107,9 @@ class Group:
     # and the members it reaches through a relay, which sees the parts it forwards
     shares: Sequence[float] = ()
     relayed: Collection[int] = frozenset()
+    # A re-formed round that carries held pieces of the failed round's result (keep_held): the largest |value| of
+    # those, which the shared scale must also cover
+    held_abs: float = 0.0
 
     def sizes(self, numel: int) -> list[int]:
         """The slice each member reduces of a vector of numel elements, in group order."""
@@ -153,6 +157,7 @@ class SecureAggregation:
         if phase in scaled and len(group.maxabs) == n and len(group.weights) == n:
             total_weight = sum(group.weights)
             scale = max(w * m / total_weight for w, m in zip(group.weights, group.maxabs, strict=True))
+            scale = max(scale, group.held_abs)
             mine = group.weights[me] / total_weight
         else:
             onehot = torch.zeros(2 * n)
@@ -243,3 +248,38 @@ class SecureAggregation:
             cipher = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None)
             streams[j] = (1 if mine < peer else -1, cipher.encryptor())
         return streams
+
+
+def keep_held(
+    x: torch.Tensor,
+    *,
+    me: int,
+    pieces: Sequence[Sequence[tuple[int, int, bool]]],
+    values: torch.Tensor | None,
+    weights: Sequence[float],
+) -> tuple[int, int]:
+    """Rewrite this member's (numel,) update `x` in place for a re-formed round whose members hold pieces of the
+    failed round's result: (coordinates kept, coordinates zeroed).
+
+    `pieces[i]`: what member i holds, (start, stop, whole) in the vector's coordinates; `values`: the failed
+    round's result where this member's pieces are whole. A held piece is a mean over every member of the failed
+    round, the vanished one included, and the re-formed round must not compute another mean over the same
+    coordinates. So on every coordinate some member holds, the k members that hold it whole put in the held mean
+    times sum(w) / (k w_i), the others zero, and the weighted mean the round computes there is the held mean itself;
+    where members hold only some bytes and nobody holds it whole, the mean is zero (that part of the step is lost).
+    Elsewhere x stays: the round's mean there is over the members left."""
+    bounds = sorted({b for held in pieces for start, stop, _ in held for b in (start, stop)})
+    total = sum(weights)
+    kept = zeroed = 0
+    for lo, hi in itertools.pairwise(bounds):
+        covering = [[whole for start, stop, whole in held if start <= lo and hi <= stop] for held in pieces]
+        if not any(covering):
+            continue
+        holders = sum(any(c) for c in covering)
+        if holders and any(covering[me]):
+            assert values is not None  # a member with whole pieces has their values
+            x[lo:hi] = values[lo:hi] * (total / (holders * weights[me]))
+        else:
+            x[lo:hi] = 0.0
+        kept, zeroed = (kept + hi - lo, zeroed) if holders else (kept, zeroed + hi - lo)
+    return kept, zeroed

@@ -54,7 +54,7 @@ def test_diloco_swarm_trains_and_agrees(launcher: Launcher, tmp_path: Path) -> N
     assert wait_no_leftovers(launcher) == []
 
 
-def test_a_round_is_re_formed_when_members_vanished_and_masked_only_where_no_piece_is_held() -> None:
+def test_a_round_is_re_formed_when_members_vanished_and_masked_only_where_held_pieces_are_known() -> None:
     plain, masked = load_config(TINY), load_config(TINY, ["privacy.secure_aggregation=true"])
     failed = RoundResult(
         committed=False, group_size=3, reason="incomplete all-reduce: member x is gone", max_group_step=10,
@@ -63,7 +63,10 @@ def test_a_round_is_re_formed_when_members_vanished_and_masked_only_where_no_pie
     held = RoundResult(**{**failed.__dict__, "held": True})
     assert may_reform(plain, failed, 10) and may_reform(plain, held, 10)
     assert may_reform(masked, failed, 10)
-    assert not may_reform(masked, held, 10)  # a mean with the vanished member's update is out: no second mean
+    # a piece of the result with the vanished member's update: re-formed only keeping it (its place is known)
+    assert not may_reform(masked, held, 10)
+    described = RoundResult(**{**held.__dict__, "held_pieces": {"round": "ab", "pieces": [[0, 5, True]], "abs": 1.0}})
+    assert may_reform(masked, described, 10)
     assert not may_reform(plain, RoundResult(**{**failed.__dict__, "unreachable": ("x", "y")}), 10)  # 1 left
     assert not may_reform(plain, RoundResult(**{**failed.__dict__, "reason": "group members were at different"}), 10)
     assert not may_reform(plain, failed, 11)
@@ -88,11 +91,24 @@ def test_a_re_formed_masked_round_needs_exactly_the_members_left_each_re_forming
     assert "malformed" in _reform_refusal(pair, [{"reform": "x"}, {"reform": left}])
 
 
+def test_the_pieces_members_hold_of_a_failed_masked_round_must_name_one_round_inside_the_vector() -> None:
+    from p2pfed.allreduce import _held_claims
+
+    one = {"round": "ab", "pieces": [[0, 5, True], [5, 9, False]], "abs": 2.0}
+    none = {"round": "ab", "pieces": [], "abs": 0.0}
+    assert _held_claims([{}, {"held": None}], 10) is None  # a plain round, or a failed round that was not dense
+    assert _held_claims([{"held": one}, {"held": none}], 10) == [[(0, 5, True), (5, 9, False)], []]
+    assert "different rounds" in str(_held_claims([{"held": one}, {"held": {**none, "round": "cd"}}], 10))
+    for bad in ({**one, "pieces": [[0, 11, True]]}, {**one, "pieces": [[3, 3, True]]}, {**one, "abs": "x"}, None):
+        assert "malformed" in str(_held_claims([{"held": one}, {"held": bad}], 10)), bad
+
+
 def test_a_member_that_vanishes_mid_round_costs_the_others_no_inner_steps(launcher: Launcher, tmp_path: Path) -> None:
     # Prepare: three peers in masked DiLoCo rounds; the third SIGKILLs its whole process group (main, DHT, averager,
-    # p2pd) once the all-reduce of its second round is under way, before any of its parts left, as a machine that
-    # vanishes would. No piece of that round's result reached anyone, so the two others may re-form it with the same
-    # updates under fresh masks. (Plain rounds re-form by the same phases.run_round, overlapped ones too.)
+    # p2pd) in the all-reduce of its second round, as soon as the first averaged piece is back to it, as a machine
+    # that vanishes mid-transfer would. The reducer of that piece holds a piece of the result, a mean with the third's
+    # update: the two others re-form the round with the same updates under fresh masks, keeping the pieces they hold.
+    # (Plain rounds re-form by the same phases.run_round, overlapped ones too.)
     steps, inner = 30, 5
 
     def peer(i: int, *extra: str) -> PeerProcess:
@@ -115,9 +131,10 @@ def test_a_member_that_vanishes_mid_round_costs_the_others_no_inner_steps(launch
     assert "dying in the middle of round 2" in victim.stderr() + victim.stdout()
     codes = [p.wait(timeout=300) for p in (first, survivor)]
 
-    # Assert: the round the victim left was re-formed by the two others and committed, so no phase of inner steps
-    # was thrown away; they end with the same parameters, having learned
+    # Assert: the round the victim left was re-formed by the two others and committed, keeping what they held of its
+    # result, so no phase of inner steps was thrown away; they end with the same parameters, having learned
     assert codes == [0, 0], [p.stderr()[-3000:] for p in (first, survivor)]
+    assert any("values of its result this peer holds" in p.stderr() for p in (first, survivor))
     reports = [json.loads((tmp_path / f"peer{i}.json").read_text()) for i in (0, 1)]
     for report in reports:
         assert report["final_step"] == steps

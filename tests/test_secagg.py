@@ -20,7 +20,8 @@ from p2pfed import pieces as pieces_module
 from p2pfed.butterfly import Butterfly, split_sizes
 from p2pfed.compression import Compressor, Fp16, Fp32, Uint8
 from p2pfed.compression.ring import Ring, signed
-from p2pfed.secagg import Group, MaskKey, SecureAggregation, ring_bits
+from p2pfed.pieces import ButterflyStats
+from p2pfed.secagg import Group, MaskKey, SecureAggregation, keep_held, ring_bits
 from tests.conftest import butterfly_members
 
 LISTEN = ["/ip4/127.0.0.1/tcp/0"]
@@ -298,6 +299,129 @@ def test_a_member_that_drops_out_fails_the_masked_round_for_everyone() -> None:
             assert results == [None, None]
 
     asyncio.run(main())
+
+
+def test_keep_held_gives_the_held_mean_where_a_member_holds_it_whole_and_zero_where_held_in_part() -> None:
+    # Prepare: members 0 and 1 hold [0, 4) whole, member 1 also some bytes of [4, 8); nobody holds [8, 12)
+    weights = [1.0, 2.0, 3.0]
+    held = torch.arange(12, dtype=torch.float32) + 1.0
+    pieces = [[(0, 4, True)], [(0, 4, True), (4, 8, False)], []]
+    xs = [torch.full((12,), 10.0 * (i + 1)) for i in range(3)]
+
+    # Execute: each member rewrites its update
+    counts = [keep_held(x, me=i, pieces=pieces, values=held, weights=weights) for i, x in enumerate(xs)]
+
+    # Assert: the weighted mean is the held mean on [0, 4), zero on [4, 8), the updates' mean on [8, 12)
+    mean = sum(w * x for w, x in zip(weights, xs, strict=True)) / sum(weights)
+    assert counts == [(4, 4)] * 3
+    assert torch.allclose(mean[:4], held[:4]) and torch.equal(mean[4:8], torch.zeros(4))
+    assert torch.allclose(mean[8:], torch.full((4,), (10.0 + 40.0 + 90.0) / 6.0))
+    assert torch.equal(xs[2][:8], torch.zeros(8))  # a member that holds nothing puts in nothing there
+
+
+def test_a_masked_round_left_mid_transfer_is_re_run_keeping_the_pieces_members_hold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: three members of a masked 8-bit round, parts in pieces of 4,096 values. The third reduces its slice
+    # but no reply of it leaves, and it leaves (its all-reduce cancelled, its streams cut) as soon as the first
+    # averaged piece is back to it: its parts have left, and at least that piece's reducer holds a piece of the
+    # result, a mean with the third's update; nobody holds the third's slice.
+    monkeypatch.setattr(pieces_module, "PIECE", 4_096)
+    n, numel, codec = 3, 30_000, Uint8(seed=0)
+    vectors, weights = _vectors(n, numel), [1.0, 2.0, 3.0]
+
+    def bound(result: torch.Tensor, members: Sequence[int], scale: float) -> float:
+        """Each member's fixed-point rounding is off by less than one unit; the 8-bit reply adds one level."""
+        return len(members) * scale / 127 * 1.001 + float(result.max() - result.min()) / 255 + 1e-6
+
+    async def main() -> tuple[list[ButterflyStats], list[torch.Tensor | None]]:
+        async with _members(n) as butterflies:
+            peers = [b.p2p.peer_id for b in butterflies]
+            keys = [MaskKey() for _ in range(n)]
+
+            async def member(
+                i: int, members: list[int], x: torch.Tensor, tag: bytes, held_abs: float = 0.0
+            ) -> tuple[torch.Tensor | None, ButterflyStats]:
+                me, seen = members.index(i), ButterflyStats()
+
+                async def inner(
+                    vector: torch.Tensor,
+                    inner_codec: Compressor,
+                    phase: str,
+                    reply: Compressor | None = None,
+                    clear: torch.Tensor | None = None,
+                ) -> torch.Tensor | None:
+                    mean, stats = await butterflies[i].allreduce(
+                        tag + phase.encode(), [peers[j] for j in members], me, vector, weight=weights[i],
+                        shares=[1.0] * len(members), codec=inner_codec, round=7, timeout=10.0, reply_codec=reply,
+                        clear=clear,
+                    )  # fmt: skip
+                    seen.merge(stats)
+                    return mean
+
+                group = Group(
+                    peers=[peers[j].to_bytes() for j in members], publics=[keys[j].public for j in members], me=me,
+                    tag=tag, maxabs=[float(vectors[j].abs().max()) for j in members],
+                    weights=[weights[j] for j in members], held_abs=held_abs,
+                )  # fmt: skip
+                secure = SecureAggregation(keys[i], run=RUN, seed=3000 + i)
+                mean = await secure.allreduce(x, codec, "dense", inner=inner, group=group, scaled={"dense"})
+                return mean, seen
+
+            async def never_replies(channel: object, mine: pieces_module.Slice, index: int) -> None:
+                await mine.done.wait()
+                raise pieces_module.PartFailed("gone")
+
+            monkeypatch.setattr(butterflies[2], "_when_reduced", never_replies)
+            everyone = [asyncio.ensure_future(member(i, [0, 1, 2], vectors[i], b"left")) for i in range(n)]
+            butterflies[2].on_reply = everyone[2].cancel
+            failed = await asyncio.gather(*everyone[:2])
+            with contextlib.suppress(asyncio.CancelledError):
+                await everyone[2]
+            assert [mean for mean, _ in failed] == [None, None]
+            stats = [s for _, s in failed]
+
+            # Execute: the two left re-run the round, each with its update rewritten by what both hold
+            xs = [vectors[i].clone() for i in (0, 1)]
+            pieces = [s.pieces for s in stats]
+            held_abs = max(
+                float(s.partial[a:b].abs().max()) for s in stats for a, b, w in s.pieces if w and s.partial is not None
+            )
+            for k in (0, 1):
+                keep_held(xs[k], me=k, pieces=pieces, values=stats[k].partial, weights=weights[:2])
+            again = await asyncio.gather(*(member(i, [0, 1], xs[i], b"again", held_abs) for i in (0, 1)))
+            return stats, [mean for mean, _ in again]
+
+    stats, again = asyncio.run(main())
+
+    # Assert: someone held a whole piece, and it was the mean of all three; the re-run's mean is that held mean
+    # wherever a member held it whole, zero where members hold only some bytes, and the two members' mean elsewhere
+    assert again[0] is not None and again[1] is not None and torch.equal(again[0], again[1])
+    result = again[0].double()
+    three, two = _weighted_mean(vectors, weights), _weighted_mean(vectors[:2], weights[:2])
+    scale3 = max(w * float(v.abs().max()) for v, w in zip(vectors, weights, strict=True)) / sum(weights)
+    expected, kept = two.clone(), torch.zeros(numel, dtype=torch.bool)
+    for s in stats:
+        for a, b, _ in s.pieces:  # held in part: zero, unless someone holds it whole (below)
+            expected[a:b] = 0.0
+    for s in stats:
+        for a, b, whole in s.pieces:
+            if whole:
+                assert s.partial is not None
+                assert (s.partial[a:b].double() - three[a:b]).abs().max() <= bound(three, range(3), scale3)
+                expected[a:b], kept[a:b] = s.partial[a:b].double(), True
+    assert kept.any(), [s.pieces for s in stats]
+    for k in (0, 1):  # a reply that came from survivor k's slice: k reduced that piece, and says it holds it
+        mine = numel // n * k, numel // n * (k + 1)
+        for a, b, whole in stats[1 - k].pieces:
+            assert not (whole and mine[0] <= a < mine[1]) or (a, b, True) in stats[k].pieces, (k, a, b)
+    scale2 = max(max(w * float(v.abs().max()) for v, w in zip(vectors[:2], weights[:2], strict=True)) / 3.0, 0.0)
+    held_abs = float(expected[kept].abs().max())
+    error = (result - expected).abs()
+    assert error[kept].max() <= bound(result, range(2), max(scale2, held_abs))
+    assert (~kept).any() and error[~kept].max() <= bound(result, range(2), max(scale2, held_abs))
+    # the kept coordinates are far from the two members' own mean: a re-run that lost them would fail above
+    assert (three[kept] - two[kept]).abs().max() > 10 * bound(result, range(2), max(scale2, held_abs))
 
 
 @pytest.mark.parametrize("name", ["randomk", "powersgd"])

@@ -180,6 +180,7 @@ class Averager(Actor):
                 "rate": float(msg.rate),
                 "lag": float(msg.lag),
                 "reform": list(msg.reform_of),
+                "held": msg.held,
             },
             # Give up finding a group soon after the wait: the peer then re-reads the swarm (it may be behind, or
             # alone) instead of retrying matchmaking for the whole round_timeout; gossip simply trains on.
@@ -233,6 +234,7 @@ class Averager(Actor):
                 reason=f"incomplete all-reduce: {outcome['reason']}",
                 unreachable=tuple(outcome["unreachable"]),
                 held=bool(outcome["held"]),
+                held_pieces=outcome["held_pieces"],
             )
         if gossip:  # members may be at different steps and hold different parameters: that is what gossip averages
             with self.avg.get_tensors() as (buffer,):

@@ -188,8 +188,10 @@ class RunRound:
     rate: float = 0.0  # this peer's samples/s, gathered so that every member sizes the next step from one table
     lag: float = 0.0  # seconds from the last round's start to this step's compute (training.share_by time)
     # A re-formed round (phases.run_round): the members of the failed round left (base58). Under secure aggregation
-    # the new group must be exactly them, each re-forming the same round.
+    # the new group must be exactly them, each re-forming the same round, and `held` is what this peer holds of the
+    # failed round's result (RoundResult.held_pieces), which the new round keeps.
     reform_of: tuple[str, ...] = ()
+    held: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,9 @@ class RoundResult:
     lag: float = 0.0  # the mean of the members' gathered lags
     reformed: bool = False  # run again by the members left after members vanished mid-round (phases.run_round)
     held: bool = False  # a failed round: this peer holds a piece of its result (a reduced or returned piece)
+    # a failed masked dense round: its group id ("round", hex), the pieces of its result this peer holds ("pieces":
+    # [start, stop, whole] in the update's coordinates) and their largest |value| ("abs"); None elsewhere
+    held_pieces: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
