@@ -38,7 +38,7 @@ from p2pfed.hierarchy import Member, hierarchical_allreduce
 from p2pfed.lifeline import start_lifeline
 from p2pfed.reductions import AllReduce, Dense, Reduction, round_seed
 from p2pfed.robust import Guard, Rule
-from p2pfed.secagg import Group, SecureAggregation, keep_held
+from p2pfed.secagg import Group, Held, SecureAggregation, held_of
 
 __all__ = ["SwarmAverager", "listen_tcp"]
 
@@ -98,9 +98,9 @@ class SwarmAverager(DecentralizedAverager):
         self._rule = rule  # a robust rule instead of the weighted mean of dense updates (p2pfed/robust.py)
         self._tcp_socket = tcp_socket  # listening; inherited by the averager process, which accepts on it
         self._butterfly: Butterfly | None = None  # made in the averager process, on its event loop
-        # A failed masked dense round: its group id (hex), the pieces of its result this peer holds and their values,
-        # for the round that re-forms it (keep_held); and what step() reports of them
-        self._held: tuple[str, list[tuple[int, int, bool]], torch.Tensor | None] | None = None
+        # A failed masked round: its group id (hex) and, per all-reduce (phase), the pieces of its result this peer
+        # holds and their values, for the round that re-forms it (secagg.keep_held); and what step() reports of them
+        self._held: tuple[str, dict[str, _Pieces]] | None = None
         self._held_report: dict[str, Any] | None = None
         kwargs.setdefault("state_compression", NoCompression())
         super().__init__(averaged_tensors, dht, **kwargs)
@@ -227,10 +227,10 @@ class SwarmAverager(DecentralizedAverager):
                     self._last_stats = ButterflyStats(reason=f"not admitted: {reason}")
                     return
         (buffer,) = tensors
-        claims: list[list[tuple[int, int, bool]]] | None = None
+        claims: _Claims | str | None = None
         if self._secure is not None:
             refusal = _reform_refusal(group_info, gathered)
-            claims = None if refusal else _held_claims(gathered, buffer.numel())  # type: ignore[assignment]
+            claims = None if refusal else _held_claims(gathered)
             if isinstance(claims, str):
                 refusal = claims
             if refusal:
@@ -253,7 +253,9 @@ class SwarmAverager(DecentralizedAverager):
 
         members = _members(group_info, gathered, shares, weight) if self._hierarchical else None
         routes = _routes(group_info, gathered)
-        seed = round_seed(group_id)  # the same on every member: shared-seed compressors draw alike
+        # the same on every member: shared-seed compressors draw alike (in a re-formed round, as in the failed one)
+        seed = round_seed(group_id if not isinstance(claims, tuple) else bytes.fromhex(claims[0]))
+        phases: dict[str, _Pieces] = {}  # masked all-reduces: what this peer holds of each (a failed round keeps it)
 
         async def plain_allreduce(
             vector: torch.Tensor,
@@ -297,31 +299,27 @@ class SwarmAverager(DecentralizedAverager):
                     clear=clear,
                 )
             stats.merge(phase_stats)
+            holding = held_of(mean, phase_stats) if self._secure is not None and phase.endswith(".ring") else None
+            if holding is not None:
+                phases[phase.removesuffix(".ring")] = holding
             for drop in phase_stats.dropped:
                 logger.warning("dropped a contribution: %s", drop)
             return mean
 
         allreduce: AllReduce = plain_allreduce
-        describable = self._secure is not None and isinstance(self._reduction, Dense) and members is None
         if self._secure is not None:
             relayed = {i for i, peer in enumerate(peers) if peer in butterfly.via}
-            group = _mask_group(group_info, gathered, me, group_id, shares=shares, relayed=relayed)
+            kept = _held_phases(claims, held, me) if isinstance(claims, tuple) else {}
+            if isinstance(kept, str):
+                stats.reason = kept
+                return
+            group = _mask_group(group_info, gathered, me, group_id, shares=shares, relayed=relayed, held=kept)
             if isinstance(group, str):
                 stats.reason = group
                 return
-            if claims is not None:  # a re-formed round: the pieces of the failed result that members hold stay
-                mine = gathered[me]["held"]["round"]
-                if held is None or held[0] != mine or not describable:
-                    stats.reason = "this peer no longer has the pieces of the failed round it claims to hold"
-                    return
-                kept, zeroed = keep_held(
-                    buffer.reshape(-1), me=me, pieces=claims, values=held[2], weights=group.weights
-                )
-                if kept or zeroed:
-                    logger.info(
-                        "re-formed masked round keeps %d values of the failed round's result (%d more zeroed: held "
-                        "in part only)", kept, zeroed,
-                    )  # fmt: skip
+            if kept:
+                count = sum(b - a for h in kept.values() for a, b, whole in h.pieces[me] if whole)
+                logger.info("re-formed masked round: keeping the %d values of the failed one this peer holds", count)
             allreduce = functools.partial(
                 self._secure.allreduce,
                 inner=plain_allreduce,
@@ -340,22 +338,21 @@ class SwarmAverager(DecentralizedAverager):
             _die(dying)
         if mean is None:
             stats.reason = stats.reason or "the all-reduce failed"
-            if describable and (stats.partial is not None or not stats.held):
-                self._keep_pieces(group_id, stats)
+            if self._secure is not None and members is None:
+                self._keep_pieces(group_id, phases)
             return
         buffer.reshape(-1).copy_(mean)
 
-    def _keep_pieces(self, group_id: bytes, stats: ButterflyStats) -> None:
-        """Keep the pieces of a failed masked dense round's result that this peer holds, for the round that re-forms
-        it, and report where they are and the largest |value| among the whole ones."""
-        values = stats.partial
-        whole = [values[a:b].abs().max() for a, b, w in stats.pieces if w and values is not None]
-        self._held = (group_id.hex(), list(stats.pieces), values)
-        self._held_report = {
-            "round": group_id.hex(),
-            "pieces": [[start, stop, whole] for start, stop, whole in stats.pieces],
-            "abs": float(max(whole)) if whole and values is not None else 0.0,
-        }
+    def _keep_pieces(self, group_id: bytes, phases: dict[str, _Pieces]) -> None:
+        """Keep the pieces of a failed masked round's result that this peer holds (per all-reduce: the ones that
+        completed are held whole by every member), for the round that re-forms it, and report where they are and the
+        largest |value| among the whole ones."""
+        report = {}
+        for phase, (pieces, values) in phases.items():
+            whole = [float(values[a:b].abs().max()) for a, b, w in pieces if w and values is not None]
+            report[phase] = {"pieces": [[a, b, w] for a, b, w in pieces], "abs": max(whole, default=0.0)}
+        self._held = (group_id.hex(), phases)
+        self._held_report = {"round": group_id.hex(), "phases": report}
 
     def _gathered(self, group_info: GroupInfo) -> list[dict[str, Any]]:
         """What each member passed as `gather` to step(), in group order ({} for a member that passed none)."""
@@ -438,14 +435,12 @@ def _mask_group(
     *,
     shares: Sequence[float],
     relayed: Collection[int],
+    held: dict[str, Held],
 ) -> Group | str:
     """The group as secure aggregation needs it, or the reason it cannot mask (a member published no mask key).
     `shares` split each vector among the reducers; `relayed`: the members reached through a relay."""
-    publics, maxabs, weights, held_abs = [], [], [], 0.0
+    publics, maxabs, weights = [], [], []
     for peer, info in zip(group_info.peer_ids, gathered, strict=True):
-        held = info.get("held")
-        if isinstance(held, dict):  # checked by _held_claims
-            held_abs = max(held_abs, abs(float(held["abs"])))
         mine = info.get("secagg")
         if not isinstance(mine, dict):
             mine = {}
@@ -457,8 +452,12 @@ def _mask_group(
         weights.append(float(mine.get("weight", 1.0)))
     return Group(
         peers=[p.to_bytes() for p in group_info.peer_ids], publics=publics, me=me, tag=group_id,
-        maxabs=maxabs, weights=weights, shares=shares, relayed=frozenset(relayed), held_abs=held_abs,
+        maxabs=maxabs, weights=weights, shares=shares, relayed=frozenset(relayed), held=held,
     )  # fmt: skip
+
+
+_Pieces = tuple[list[tuple[int, int, bool]], "torch.Tensor | None"]  # pieces held (start, stop, whole), their values
+_Claims = tuple[str, dict[str, list[list[tuple[int, int, bool]]]], dict[str, float]]  # see _held_claims
 
 
 def _reform_refusal(group_info: GroupInfo, gathered: Sequence[dict[str, Any]]) -> str:
@@ -480,26 +479,48 @@ def _reform_refusal(group_info: GroupInfo, gathered: Sequence[dict[str, Any]]) -
     return ""
 
 
-def _held_claims(gathered: Sequence[dict[str, Any]], numel: int) -> list[list[tuple[int, int, bool]]] | str | None:
-    """What each member of a re-formed masked round holds of the failed round's result, in group order (None: no
-    member says, a plain round or one whose failed round was not a dense one), or why the claims cannot stand: every
-    member must name the same failed round, with pieces inside the vector."""
+def _held_claims(gathered: Sequence[dict[str, Any]]) -> _Claims | str | None:
+    """What the members of a re-formed masked round hold of the failed round's result: (the failed round's group id,
+    per all-reduce (phase) the pieces each member holds in group order, and the largest |value| held whole). None: no
+    member says (a plain round). Else why the claims cannot stand: every member must name the same failed round."""
     helds = [info.get("held") for info in gathered]
     if all(held is None for held in helds):
         return None
-    rounds, claims = set(), []
+    rounds, claims, top = set(), [], dict[str, float]()
     for held in helds:
         try:
-            assert isinstance(held, dict) and isinstance(held["round"], str)
-            pieces = [(int(a), int(b), bool(w)) for a, b, w in held["pieces"]]
-            assert all(0 <= a < b <= numel for a, b, _ in pieces) and math.isfinite(float(held["abs"]))
-        except (AssertionError, KeyError, TypeError, ValueError):
+            if not (isinstance(held, dict) and isinstance(held["phases"], dict)):
+                raise TypeError
+            bytes.fromhex(held["round"])  # a group id
+            mine = {}
+            for phase, claim in held["phases"].items():
+                mine[str(phase)] = [(int(a), int(b), bool(w)) for a, b, w in claim["pieces"]]
+                value = abs(float(claim["abs"]))
+                if not (all(0 <= a < b for a, b, _ in mine[str(phase)]) and math.isfinite(value)):
+                    raise ValueError
+                top[str(phase)] = max(top.get(str(phase), 0.0), value)
+        except (KeyError, TypeError, ValueError, AttributeError):
             return "a member's claim of the pieces it holds of the failed round is malformed"
         rounds.add(held["round"])
-        claims.append(pieces)
+        claims.append(mine)
     if len(rounds) > 1:
         return "the members of a re-formed masked round re-form different rounds"
-    return claims
+    pieces = {phase: [claim.get(phase, []) for claim in claims] for phase in top}
+    return rounds.pop(), pieces, top
+
+
+def _held_phases(claims: _Claims, held: tuple[str, dict[str, _Pieces]] | None, me: int) -> dict[str, Held] | str:
+    """Per phase, what secure aggregation keeps in a re-formed round, with this peer's values of the pieces it holds
+    whole; or why this peer cannot take part (it no longer has what it claimed)."""
+    round_id, pieces, top = claims
+    mine = held[1] if held is not None and held[0] == round_id else None
+    out = {}
+    for phase, members in pieces.items():
+        values = mine[phase][1] if mine is not None and phase in mine else None
+        if values is None and any(whole for _, _, whole in members[me]):
+            return "this peer no longer has the pieces of the failed round it claims to hold"
+        out[phase] = Held(pieces=members, values=values, abs=top[phase])
+    return out
 
 
 def _relayed_shares(

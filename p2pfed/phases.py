@@ -28,8 +28,8 @@ def may_reform(cfg: Config, rnd: RoundResult, step: int) -> bool:
     left, and everyone was at this step. Under secure aggregation a piece of the failed round's result that a member
     holds is a mean that includes the vanished member's update, and the same mean over the members left would give
     that update away: the re-formed round keeps those pieces as they are (secagg.keep_held), so a peer that holds one
-    re-forms only if it can say which (a dense round; held_pieces). Else it stays out, and its step is lost (and,
-    since a re-formed masked group must be exactly the members left, the others' too)."""
+    re-forms only if it can say which (held_pieces). Else it stays out, and its step is lost (and, since a re-formed
+    masked group must be exactly the members left, the others' too)."""
     left = rnd.group_size - len(rnd.unreachable)
     return (
         not rnd.committed
@@ -56,7 +56,8 @@ async def run_round(
     if not may_reform(cfg, rnd, request.step):
         return rnd
     left = tuple(sorted(set(rnd.members) - set(rnd.unreachable)))
-    held = sum(stop - start for start, stop, _ in rnd.held_pieces["pieces"]) if rnd.held_pieces else 0
+    phases = rnd.held_pieces["phases"].values() if rnd.held_pieces else ()
+    held = sum(stop - start for phase in phases for start, stop, whole in phase["pieces"] if whole)
     logger.warning(
         "round failed (%s); re-forming it with the %d members left%s", rnd.reason, len(left),
         f", keeping the {held} values of its result this peer holds" if held else "",

@@ -37,7 +37,9 @@ a model. The members left re-run the round at once with the same updates (fresh 
 p2pfed/phases.py: may_reform). A piece of the failed round's result that a member holds (its slice reduced it, or
 its reply came) is a mean that includes the dropped member's update, and the same mean over the members left would
 give that update away, so the re-run keeps those pieces (keep_held): every member names the pieces it holds, and
-there the holders put in the held mean and the others zero. A re-formed masked group must be exactly the members
+there the holders put in the held mean and the others zero. That goes per all-reduce of the round (Group.held, by
+phase): PowerSGD's mean P, held whole by all once it completed, stays as it was, and the re-run draws with the
+failed round's seed, so random-k picks the same coordinates. A re-formed masked group must be exactly the members
 left, each re-forming the same round (p2pfed/allreduce.py: _reform_refusal, _held_claims), or no one re-forms.
 
 Composes with every linear reduction (fp32, fp16, uint8, shared-seed random-k coordinates, PowerSGD's P and Q),
@@ -51,8 +53,8 @@ import hashlib
 import itertools
 import math
 import os
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -65,8 +67,9 @@ from p2pfed.butterfly import split_sizes
 from p2pfed.compression import Compressor, Fp16, Fp32, Uint8
 from p2pfed.compression.base import RoundingBytes
 from p2pfed.compression.ring import Ring
+from p2pfed.pieces import ButterflyStats
 
-__all__ = ["Group", "MaskKey", "SecureAggregation", "keep_held", "ring_bits"]
+__all__ = ["Group", "Held", "MaskKey", "SecureAggregation", "held_of", "keep_held", "ring_bits"]
 
 # inner(vector, codec, phase, reply=None, clear=None): the plain all-reduce; `reply` is the codec the reduced slices
 # come back in, `clear` this member's values before masking (Butterfly.allreduce)
@@ -92,6 +95,15 @@ class MaskKey:
 
 
 @dataclass(frozen=True, slots=True)
+class Held:
+    """What the members of a re-formed round hold of one all-reduce (phase) of the failed round's result."""
+
+    pieces: Sequence[Sequence[tuple[int, int, bool]]]  # per member, in group order: (start, stop, whole)
+    values: torch.Tensor | None  # the failed all-reduce's result where this member's pieces are whole
+    abs: float  # the largest |value| that any member holds whole: the shared scale must cover it
+
+
+@dataclass(frozen=True, slots=True)
 class Group:
     """The members of one round, in group order: their peer ids (bytes) and mask public keys, and this member."""
 
@@ -107,9 +119,8 @@ class Group:
     # and the members it reaches through a relay, which sees the parts it forwards
     shares: Sequence[float] = ()
     relayed: Collection[int] = frozenset()
-    # A re-formed round that carries held pieces of the failed round's result (keep_held): the largest |value| of
-    # those, which the shared scale must also cover
-    held_abs: float = 0.0
+    # A re-formed round: per phase, what the members hold of that all-reduce of the failed round (keep_held)
+    held: Mapping[str, Held] = field(default_factory=dict)
 
     def sizes(self, numel: int) -> list[int]:
         """The slice each member reduces of a vector of numel elements, in group order."""
@@ -157,7 +168,6 @@ class SecureAggregation:
         if phase in scaled and len(group.maxabs) == n and len(group.weights) == n:
             total_weight = sum(group.weights)
             scale = max(w * m / total_weight for w, m in zip(group.weights, group.maxabs, strict=True))
-            scale = max(scale, group.held_abs)
             mine = group.weights[me] / total_weight
         else:
             onehot = torch.zeros(2 * n)
@@ -167,6 +177,13 @@ class SecureAggregation:
             if shares is None:
                 return None
             scale, mine = float(shares[:n].max()), float(shares[n + me])
+        held = group.held.get(phase)
+        if held is not None:  # a re-formed round: the members' held pieces of this all-reduce stay as they are
+            if any(stop > x.numel() for pieces in held.pieces for _, stop, _ in pieces):
+                return None
+            x = x.clone()
+            keep_held(x, me=me, pieces=held.pieces, values=held.values, share=mine)
+            scale = max(scale, held.abs)
         if not scale > 0.0 or not math.isfinite(scale):
             return None if not math.isfinite(scale) else torch.zeros_like(x)
         levels = (1 << (value_bits - 1)) - 1
@@ -250,13 +267,23 @@ class SecureAggregation:
         return streams
 
 
+def held_of(
+    mean: torch.Tensor | None, stats: ButterflyStats
+) -> tuple[list[tuple[int, int, bool]], torch.Tensor | None] | None:
+    """What this member holds of one masked all-reduce's result (the pieces, and the values where whole): all of it
+    when it completed, the pieces its slice reduced and the replies that came when it failed; None: nothing."""
+    if mean is not None:
+        return [(0, mean.numel(), True)], mean
+    return (stats.pieces, stats.partial) if stats.pieces else None
+
+
 def keep_held(
     x: torch.Tensor,
     *,
     me: int,
     pieces: Sequence[Sequence[tuple[int, int, bool]]],
     values: torch.Tensor | None,
-    weights: Sequence[float],
+    share: float,
 ) -> tuple[int, int]:
     """Rewrite this member's (numel,) update `x` in place for a re-formed round whose members hold pieces of the
     failed round's result: (coordinates kept, coordinates zeroed).
@@ -265,11 +292,10 @@ def keep_held(
     round's result where this member's pieces are whole. A held piece is a mean over every member of the failed
     round, the vanished one included, and the re-formed round must not compute another mean over the same
     coordinates. So on every coordinate some member holds, the k members that hold it whole put in the held mean
-    times sum(w) / (k w_i), the others zero, and the weighted mean the round computes there is the held mean itself;
-    where members hold only some bytes and nobody holds it whole, the mean is zero (that part of the step is lost).
-    Elsewhere x stays: the round's mean there is over the members left."""
+    divided by k times their weight share (`share`, w_i / sum(w)), the others zero: the weighted mean the round
+    computes there is the held mean itself. Where members hold only some bytes and nobody holds it whole, the mean
+    is zero (that part of the step is lost). Elsewhere x stays: the round's mean there is over the members left."""
     bounds = sorted({b for held in pieces for start, stop, _ in held for b in (start, stop)})
-    total = sum(weights)
     kept = zeroed = 0
     for lo, hi in itertools.pairwise(bounds):
         covering = [[whole for start, stop, whole in held if start <= lo and hi <= stop] for held in pieces]
@@ -278,7 +304,7 @@ def keep_held(
         holders = sum(any(c) for c in covering)
         if holders and any(covering[me]):
             assert values is not None  # a member with whole pieces has their values
-            x[lo:hi] = values[lo:hi] * (total / (holders * weights[me]))
+            x[lo:hi] = values[lo:hi] / (holders * share)
         else:
             x[lo:hi] = 0.0
         kept, zeroed = (kept + hi - lo, zeroed) if holders else (kept, zeroed + hi - lo)

@@ -65,7 +65,8 @@ def test_a_round_is_re_formed_when_members_vanished_and_masked_only_where_held_p
     assert may_reform(masked, failed, 10)
     # a piece of the result with the vanished member's update: re-formed only keeping it (its place is known)
     assert not may_reform(masked, held, 10)
-    described = RoundResult(**{**held.__dict__, "held_pieces": {"round": "ab", "pieces": [[0, 5, True]], "abs": 1.0}})
+    pieces = {"round": "ab", "phases": {"dense": {"pieces": [[0, 5, True]], "abs": 1.0}}}
+    described = RoundResult(**{**held.__dict__, "held_pieces": pieces})
     assert may_reform(masked, described, 10)
     assert not may_reform(plain, RoundResult(**{**failed.__dict__, "unreachable": ("x", "y")}), 10)  # 1 left
     assert not may_reform(plain, RoundResult(**{**failed.__dict__, "reason": "group members were at different"}), 10)
@@ -91,16 +92,25 @@ def test_a_re_formed_masked_round_needs_exactly_the_members_left_each_re_forming
     assert "malformed" in _reform_refusal(pair, [{"reform": "x"}, {"reform": left}])
 
 
-def test_the_pieces_members_hold_of_a_failed_masked_round_must_name_one_round_inside_the_vector() -> None:
+def test_the_pieces_members_hold_of_a_failed_masked_round_must_name_one_round() -> None:
     from p2pfed.allreduce import _held_claims
 
-    one = {"round": "ab", "pieces": [[0, 5, True], [5, 9, False]], "abs": 2.0}
-    none = {"round": "ab", "pieces": [], "abs": 0.0}
-    assert _held_claims([{}, {"held": None}], 10) is None  # a plain round, or a failed round that was not dense
-    assert _held_claims([{"held": one}, {"held": none}], 10) == [[(0, 5, True), (5, 9, False)], []]
-    assert "different rounds" in str(_held_claims([{"held": one}, {"held": {**none, "round": "cd"}}], 10))
-    for bad in ({**one, "pieces": [[0, 11, True]]}, {**one, "pieces": [[3, 3, True]]}, {**one, "abs": "x"}, None):
-        assert "malformed" in str(_held_claims([{"held": one}, {"held": bad}], 10)), bad
+    p = {"pieces": [[0, 5, True], [5, 9, False]], "abs": 2.0}
+    one = {"round": "ab", "phases": {"p": p, "q": {"pieces": [[0, 3, True]], "abs": 1.0}}}
+    other = {"round": "ab", "phases": {"p": {"pieces": [[0, 5, True]], "abs": 3.0}}}
+    assert _held_claims([{}, {"held": None}]) is None  # a plain round
+    claims = _held_claims([{"held": one}, {"held": other}])
+    assert claims == ("ab", {"p": [[(0, 5, True), (5, 9, False)], [(0, 5, True)]], "q": [[(0, 3, True)], []]},
+                      {"p": 3.0, "q": 1.0})  # fmt: skip
+    assert "different rounds" in str(_held_claims([{"held": one}, {"held": {**other, "round": "cd"}}]))
+    for bad in (
+        {**one, "phases": {"p": {**p, "pieces": [[3, 3, True]]}}},
+        {**one, "phases": {"p": {**p, "abs": "x"}}},
+        {**one, "phases": [1]},
+        {**one, "round": "not hex"},
+        None,
+    ):
+        assert "malformed" in str(_held_claims([{"held": one}, {"held": bad}])), bad
 
 
 def test_a_member_that_vanishes_mid_round_costs_the_others_no_inner_steps(launcher: Launcher, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from p2pfed.butterfly import Butterfly, split_sizes
 from p2pfed.compression import Compressor, Fp16, Fp32, Uint8
 from p2pfed.compression.ring import Ring, signed
 from p2pfed.pieces import ButterflyStats
-from p2pfed.secagg import Group, MaskKey, SecureAggregation, keep_held, ring_bits
+from p2pfed.secagg import Group, Held, MaskKey, SecureAggregation, held_of, keep_held, ring_bits
 from tests.conftest import butterfly_members
 
 LISTEN = ["/ip4/127.0.0.1/tcp/0"]
@@ -309,7 +309,10 @@ def test_keep_held_gives_the_held_mean_where_a_member_holds_it_whole_and_zero_wh
     xs = [torch.full((12,), 10.0 * (i + 1)) for i in range(3)]
 
     # Execute: each member rewrites its update
-    counts = [keep_held(x, me=i, pieces=pieces, values=held, weights=weights) for i, x in enumerate(xs)]
+    counts = [
+        keep_held(x, me=i, pieces=pieces, values=held, share=w / sum(weights))
+        for i, (x, w) in enumerate(zip(xs, weights, strict=True))
+    ]
 
     # Assert: the weighted mean is the held mean on [0, 4), zero on [4, 8), the updates' mean on [8, 12)
     mean = sum(w * x for w, x in zip(weights, xs, strict=True)) / sum(weights)
@@ -340,7 +343,7 @@ def test_a_masked_round_left_mid_transfer_is_re_run_keeping_the_pieces_members_h
             keys = [MaskKey() for _ in range(n)]
 
             async def member(
-                i: int, members: list[int], x: torch.Tensor, tag: bytes, held_abs: float = 0.0
+                i: int, members: list[int], tag: bytes, held: Held | None = None
             ) -> tuple[torch.Tensor | None, ButterflyStats]:
                 me, seen = members.index(i), ButterflyStats()
 
@@ -362,10 +365,10 @@ def test_a_masked_round_left_mid_transfer_is_re_run_keeping_the_pieces_members_h
                 group = Group(
                     peers=[peers[j].to_bytes() for j in members], publics=[keys[j].public for j in members], me=me,
                     tag=tag, maxabs=[float(vectors[j].abs().max()) for j in members],
-                    weights=[weights[j] for j in members], held_abs=held_abs,
+                    weights=[weights[j] for j in members], held={} if held is None else {"dense": held},
                 )  # fmt: skip
                 secure = SecureAggregation(keys[i], run=RUN, seed=3000 + i)
-                mean = await secure.allreduce(x, codec, "dense", inner=inner, group=group, scaled={"dense"})
+                mean = await secure.allreduce(vectors[i], codec, "dense", inner=inner, group=group, scaled={"dense"})
                 return mean, seen
 
             async def never_replies(channel: object, mine: pieces_module.Slice, index: int) -> None:
@@ -373,7 +376,7 @@ def test_a_masked_round_left_mid_transfer_is_re_run_keeping_the_pieces_members_h
                 raise pieces_module.PartFailed("gone")
 
             monkeypatch.setattr(butterflies[2], "_when_reduced", never_replies)
-            everyone = [asyncio.ensure_future(member(i, [0, 1, 2], vectors[i], b"left")) for i in range(n)]
+            everyone = [asyncio.ensure_future(member(i, [0, 1, 2], b"left")) for i in range(n)]
             butterflies[2].on_reply = everyone[2].cancel
             failed = await asyncio.gather(*everyone[:2])
             with contextlib.suppress(asyncio.CancelledError):
@@ -381,15 +384,13 @@ def test_a_masked_round_left_mid_transfer_is_re_run_keeping_the_pieces_members_h
             assert [mean for mean, _ in failed] == [None, None]
             stats = [s for _, s in failed]
 
-            # Execute: the two left re-run the round, each with its update rewritten by what both hold
-            xs = [vectors[i].clone() for i in (0, 1)]
+            # Execute: the two left re-run the round with the same updates, keeping what each holds
             pieces = [s.pieces for s in stats]
             held_abs = max(
                 float(s.partial[a:b].abs().max()) for s in stats for a, b, w in s.pieces if w and s.partial is not None
             )
-            for k in (0, 1):
-                keep_held(xs[k], me=k, pieces=pieces, values=stats[k].partial, weights=weights[:2])
-            again = await asyncio.gather(*(member(i, [0, 1], xs[i], b"again", held_abs) for i in (0, 1)))
+            helds = [Held(pieces=pieces, values=stats[k].partial, abs=held_abs) for k in (0, 1)]
+            again = await asyncio.gather(*(member(i, [0, 1], b"again", helds[i]) for i in (0, 1)))
             return stats, [mean for mean, _ in again]
 
     stats, again = asyncio.run(main())
@@ -480,3 +481,128 @@ def test_masking_composes_with_the_linear_reductions(name: str) -> None:
         assert torch.equal(masked, clear)
         assert torch.equal(masked, results["masked"][0])
         torch.testing.assert_close(masked, plain, atol=1e-5 * float(plain.abs().max()), rtol=0)
+
+
+def test_a_masked_powersgd_round_left_in_its_second_all_reduce_keeps_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: three members of a masked PowerSGD round (P, then Q from the mean P), values in pieces of 64. The
+    # third leaves in the Q all-reduce, its slice's means held back: every member holds the whole mean P of three,
+    # and some pieces of the mean Q.
+    from p2pfed.config import CompressionConfig
+    from p2pfed.reductions import LowRank, make_reduction
+
+    monkeypatch.setattr(pieces_module, "PIECE", 64)
+    n, numel = 3, 40_000
+    vectors, weights = _vectors(n, numel), [1.0, 2.0, 3.0]
+
+    Holds = list[dict[str, tuple[list[tuple[int, int, bool]], torch.Tensor | None]]]
+
+    async def main() -> tuple[list[dict[str, torch.Tensor | None]], Holds, list[torch.Tensor | None], LowRank]:
+        async with _members(n) as butterflies:
+            peers = [b.p2p.peer_id for b in butterflies]
+            keys = [MaskKey() for _ in range(n)]
+            holds: Holds = [{} for _ in range(n)]
+            means: list[dict[str, torch.Tensor | None]] = [{} for _ in range(n)]
+
+            async def member(i: int, members: list[int], tag: bytes, held: dict[str, Held]) -> torch.Tensor | None:
+                me = members.index(i)
+
+                async def inner(
+                    vector: torch.Tensor,
+                    codec: Compressor,
+                    phase: str,
+                    reply: Compressor | None = None,
+                    clear: torch.Tensor | None = None,
+                ) -> torch.Tensor | None:
+                    if i == 2 and phase == "q.ring":  # the third leaves mid-transfer
+                        monkeypatch.setattr(butterflies[2], "_when_reduced", never_replies)
+                        butterflies[2].on_reply = task.cancel
+                    mean, stats = await butterflies[i].allreduce(
+                        tag + phase.encode(), [peers[j] for j in members], me, vector, weight=weights[i],
+                        shares=[1.0] * len(members), codec=codec, round=5, timeout=10.0, reply_codec=reply,
+                        clear=clear,
+                    )  # fmt: skip
+                    if phase.endswith(".ring"):
+                        means[i][phase] = mean
+                        holding = held_of(mean, stats)
+                        if holding is not None:
+                            holds[i][phase.removesuffix(".ring")] = holding
+                    return mean
+
+                reduction = make_reduction(
+                    CompressionConfig(name="powersgd", error_feedback=False), seed=0, peer_seed=i
+                )
+                secure = SecureAggregation(keys[i], run=RUN, seed=4000 + i)
+                group = Group(
+                    peers=[peers[j].to_bytes() for j in members], publics=[keys[j].public for j in members], me=me,
+                    tag=tag, held=held,
+                )  # fmt: skip
+
+                async def masked(vector: torch.Tensor, codec: Compressor, phase: str) -> torch.Tensor | None:
+                    return await secure.allreduce(vector, codec, phase, inner=inner, group=group)
+
+                return await reduction.run(vectors[i], masked, round=5)
+
+            async def never_replies(channel: object, mine: pieces_module.Slice, index: int) -> None:
+                await mine.done.wait()
+                raise pieces_module.PartFailed("gone")
+
+            everyone = [asyncio.ensure_future(member(i, [0, 1, 2], b"left", {})) for i in range(n)]
+            task = everyone[2]
+            assert await asyncio.gather(*everyone[:2]) == [None, None]
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            failed, kept_before = [dict(means[i]) for i in (0, 1)], [dict(holds[i]) for i in (0, 1)]
+
+            # Execute: the two left re-run the round with the same updates and seed, keeping what they hold
+            phases = set(holds[0]) | set(holds[1])
+            assert set(holds[0]) | set(holds[1]) == {"p", "q"}, holds
+            held = [
+                {
+                    phase: Held(
+                        pieces=[holds[k].get(phase, ([], None))[0] for k in (0, 1)],
+                        values=holds[i].get(phase, ([], None))[1],
+                        abs=max(
+                            float(v[a:b].abs().max())
+                            for k in (0, 1)
+                            if phase in holds[k]
+                            for a, b, w in holds[k][phase][0]
+                            if w and (v := holds[k][phase][1]) is not None
+                        ),
+                    )  # fmt: skip
+                    for phase in phases
+                }
+                for i in (0, 1)
+            ]
+            for i in (0, 1):
+                means[i].clear()
+            again = await asyncio.gather(*(member(i, [0, 1], b"again", held[i]) for i in (0, 1)))
+            reference = make_reduction(CompressionConfig(name="powersgd", error_feedback=False), seed=0, peer_seed=0)
+            assert isinstance(reference, LowRank)
+            return failed, kept_before, [means[0].get("p.ring"), means[0].get("q.ring"), *again], reference
+
+    failed, holds, (p_again, q_again, *again), reduction = asyncio.run(main())
+
+    # Assert: the survivors agree; the re-run's mean P is the mean P of three (not of the two), and its mean Q is the
+    # failed round's mean Q where a survivor holds it whole, the mean of the two's M_iᵀ P̂ elsewhere
+    assert again[0] is not None and again[1] is not None and torch.equal(again[0], again[1])
+    p_three = failed[0]["p.ring"]
+    assert p_three is not None and p_again is not None and q_again is not None and failed[0]["q.ring"] is None
+    rows, cols, r = reduction.compressor.shape(numel)
+    p_two = _weighted_mean([reduction.compressor.local_p(v, round=5).reshape(-1) for v in vectors[:2]], weights[:2])
+    tol = 1e-5 * float(p_three.abs().max())
+    torch.testing.assert_close(p_again, p_three, atol=tol, rtol=0)
+    assert (p_two - p_three.double()).abs().max() > 100 * tol  # a re-run that lost P would fail above
+    q_locals = [reduction.compressor.local_q(v, p_again.view(rows, r)).reshape(-1) for v in vectors[:2]]
+    expected = _weighted_mean(q_locals, weights[:2]).float()
+    kept = torch.zeros(expected.numel(), dtype=torch.bool)
+    for i in (0, 1):
+        for a, b, _ in holds[i].get("q", ([], None))[0]:  # held in part: zero, unless held whole (below)
+            expected[a:b] = 0.0
+    for i in (0, 1):
+        pieces, values = holds[i].get("q", ([], None))
+        for a, b, whole in pieces:
+            if whole:
+                assert values is not None
+                expected[a:b], kept[a:b] = values[a:b], True
+    assert kept.any() and (~kept).any(), holds
+    torch.testing.assert_close(q_again, expected, atol=1e-5 * float(expected.abs().max()), rtol=0)

@@ -214,8 +214,9 @@ class RoundResult:
     lag: float = 0.0  # the mean of the members' gathered lags
     reformed: bool = False  # run again by the members left after members vanished mid-round (phases.run_round)
     held: bool = False  # a failed round: this peer holds a piece of its result (a reduced or returned piece)
-    # a failed masked dense round: its group id ("round", hex), the pieces of its result this peer holds ("pieces":
-    # [start, stop, whole] in the update's coordinates) and their largest |value| ("abs"); None elsewhere
+    # a failed masked round: its group id ("round", hex) and, per all-reduce ("phases": name ->), the pieces of its
+    # result this peer holds ("pieces": [start, stop, whole] in that vector's coordinates) and their largest |value|
+    # ("abs"); None elsewhere
     held_pieces: dict[str, Any] | None = None
 
 
