@@ -242,10 +242,11 @@ class SwarmAverager(DecentralizedAverager):
         me = peers.index(self.peer_id)
         butterfly = self._get_butterfly()
         # test aid: a machine that vanishes mid-transfer: its parts have left, its slice's means have not, and it dies
-        # once the first averaged piece of its round is back (a reducer holds a piece of the result), or at the end
+        # once the first averaged piece of its round is back (a reducer holds a piece of the result), in the round's
+        # first masked all-reduce under secure aggregation, or at the end
         dying = f"fault injection: dying in the middle of round {self._allreduces}"
         die = self._allreduces == self._die_in_allreduce
-        butterfly.on_reply, butterfly.hold_replies = ((lambda: _die(dying)), True) if die else (None, False)
+        butterfly.on_reply, butterfly.hold_replies = None, False
         shares = _relayed_shares([float(f) for f in kwargs["peer_fractions"]], gathered, butterfly.via, peers)
         weight = 1.0 if kwargs.get("weight") is None else float(kwargs["weight"])
         stats = ButterflyStats()
@@ -265,6 +266,8 @@ class SwarmAverager(DecentralizedAverager):
             clear: torch.Tensor | None = None,
         ) -> torch.Tensor | None:
             tag, timeout = group_id + phase.encode(), self._allreduce_timeout or 60.0
+            if die and (self._secure is None or phase.endswith(".ring")):  # test aid: see above
+                butterfly.on_reply, butterfly.hold_replies = (lambda: _die(dying)), True
             # Every copy must be finite; the norm bound holds for the update and any part of it (dense, its shared
             # coordinates, its top-k), not for PowerSGD's projections.
             guard = Guard(max_norm=self._max_update_norm if phase in _UPDATE_PHASES else None)
