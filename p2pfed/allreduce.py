@@ -341,7 +341,9 @@ class SwarmAverager(DecentralizedAverager):
             _die(dying)
         if mean is None:
             stats.reason = stats.reason or "the all-reduce failed"
-            if self._secure is not None and members is None:
+            # A relay sees the replies it forwards, and no member can say which: where a member is relayed, a held
+            # piece keeps the round from being re-formed (its step is lost), as the relay could see both means.
+            if self._secure is not None and members is None and not any(peer in butterfly.via for peer in peers):
                 self._keep_pieces(group_id, phases)
             return
         buffer.reshape(-1).copy_(mean)
