@@ -17,8 +17,9 @@ gets `None` back; the caller's vector is never written, so a failed round never 
 Wire format, little-endian. Request: magic "P2PF", tag length u16, tag, sender index u16, weight f64, then one
 payload per piece (a pull for a broadcast: magic "P2PB", tag, sender, weight 0, seconds to wait f64). Reply, per
 piece: status u8 (0 ok, 1 error, 3 this peer is not in that all-reduce), then a payload (ok) or a UTF-8 reason,
-u32 length first. While a piece's mean waits for other members' copies the reducer sends status 2 (waiting, no
-body) every chunk_timeout / 3, so a sender blames a silent member, not the live reducer that waits for it. A
+u32 length first. While a piece's mean waits for other members' copies, or the reducer has not started that
+all-reduce yet (for up to chunk_timeout * 2), it sends status 2 (waiting, no body) every chunk_timeout / 3, so a
+sender blames a silent member, not the live reducer that waits for it. A
 payload is its header-int count u8, the int32 header ints, the data length u64, and the data. Bytes are counted on
 the wire in both directions, per remote peer. On direct TCP in a run with a swarm key, all of it travels inside
 sealed records (p2pfed/channel.py: SealedChannel), and a connection that does not open sealed is refused.
@@ -434,14 +435,16 @@ class Butterfly:
                 return  # not a p2pfed stream: drop it without a word
             (tag_len,) = _U16.unpack(await channel.read_exactly(_U16.size))
             tag = await channel.read_exactly(tag_len)
-            wait = self.chunk_timeout  # the sender may be ahead of this peer by up to the matchmaking lag
+            # The sender may be ahead of this peer by the matchmaking lag and a busy machine's delays: this peer waits
+            # up to twice a read's deadline for its own all-reduce to start, and says it is there meanwhile.
+            wait = self.chunk_timeout * 2  # inside the round's deadline (chunk_timeout * 3), so the member is named
             sender, weight = _REQUEST.unpack(await channel.read_exactly(_REQUEST.size))
             if kind == _PULL:  # a puller says how long it waits: the root may first have a slow all-reduce of its own
                 (wait,) = _WAIT.unpack(await channel.read_exactly(_WAIT.size))
                 wait = min(max(wait, 0.0), _MAX_PULL_WAIT)
             piece = self._slices.setdefault(tag, asyncio.get_running_loop().create_future())
             try:
-                mine = await asyncio.wait_for(asyncio.shield(piece), wait)
+                mine = await self._when_started(channel, piece, wait)
             except TimeoutError:
                 if not piece.done():
                     self._slices.pop(tag, None)
@@ -487,6 +490,20 @@ class Butterfly:
                 pass  # the sender is gone; its own read fails and it records the round as failed
         finally:
             channel.close()
+
+    async def _when_started(self, channel: Channel, piece: asyncio.Future[Slice], wait: float) -> Slice:
+        """This peer's slice of the all-reduce once it has started it, within `wait` seconds (TimeoutError); meanwhile
+        a waiting status every chunk_timeout / 3, so the sender does not take this live peer for a silent one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            try:
+                step = min(self.chunk_timeout / 3, deadline - loop.time())
+                return await asyncio.wait_for(asyncio.shield(piece), step)
+            except TimeoutError:
+                if loop.time() >= deadline:
+                    raise
+            await channel.send(_U8.pack(_WAITING))
 
     async def _when_reduced(self, channel: Channel, mine: Slice, index: int) -> Payload:
         """Piece `index`'s mean once every member's copy is in, within chunk_timeout * 3; meanwhile a waiting status
