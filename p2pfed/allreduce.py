@@ -341,9 +341,7 @@ class SwarmAverager(DecentralizedAverager):
             _die(dying)
         if mean is None:
             stats.reason = stats.reason or "the all-reduce failed"
-            # A relay sees the replies it forwards, and no member can say which: where a member is relayed, a held
-            # piece keeps the round from being re-formed (its step is lost), as the relay could see both means.
-            if self._secure is not None and members is None and not any(peer in butterfly.via for peer in peers):
+            if self._secure is not None and members is None and not _relayed(peers, butterfly.via):
                 self._keep_pieces(group_id, phases)
             return
         buffer.reshape(-1).copy_(mean)
@@ -526,6 +524,13 @@ def _held_phases(claims: _Claims, held: tuple[str, dict[str, _Pieces]] | None, m
             return "this peer no longer has the pieces of the failed round it claims to hold"
         out[phase] = Held(pieces=members, values=values, abs=top[phase])
     return out
+
+
+def _relayed(peers: Sequence[PeerID], via: dict[PeerID, PeerID]) -> bool:
+    """Whether a member of this group is reached through a relay. The relay sees the replies it forwards, and no
+    member can say which: then a failed masked round reports no held pieces, so once any piece went out it is not
+    re-formed (its step is lost), as the relay could see both means. `via` may hold members of other rounds."""
+    return any(peer in via for peer in peers)
 
 
 def _relayed_shares(

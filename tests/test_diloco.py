@@ -92,6 +92,17 @@ def test_a_re_formed_masked_round_needs_exactly_the_members_left_each_re_forming
     assert "malformed" in _reform_refusal(pair, [{"reform": "x"}, {"reform": left}])
 
 
+def test_a_failed_masked_round_with_a_relayed_member_keeps_no_pieces() -> None:
+    from hivemind.p2p import PeerID
+
+    from p2pfed.allreduce import _relayed
+
+    a, b, c, relay = (PeerID(b"\x00\x04" + name) for name in (b"aaaa", b"bbbb", b"cccc", b"rrrr"))
+    assert _relayed([a, b], {b: relay})  # b's replies pass through a relay that can keep them
+    assert not _relayed([a, b], {c: relay})  # a relayed peer of another round
+    assert not _relayed([a, b], {})
+
+
 def test_the_pieces_members_hold_of_a_failed_masked_round_must_name_one_round() -> None:
     from p2pfed.allreduce import _held_claims
 
