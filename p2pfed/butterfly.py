@@ -37,7 +37,7 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -63,6 +63,7 @@ _MAX_PULL_WAIT = 600.0
 _U8, _U16, _U32, _U64 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 _MAX_PAYLOAD = 1 << 36  # a header claiming more than 64 GiB is not from a p2pfed peer
 _OK, _ERROR, _WAITING, _NOT_JOINED = 0, 1, 2, 3  # reply statuses
+_T = TypeVar("_T")
 
 
 def split_sizes(numel: int, shares: Sequence[float]) -> list[int]:
@@ -492,30 +493,24 @@ class Butterfly:
             channel.close()
 
     async def _when_started(self, channel: Channel, piece: asyncio.Future[Slice], wait: float) -> Slice:
-        """This peer's slice of the all-reduce once it has started it, within `wait` seconds (TimeoutError); meanwhile
-        a waiting status every chunk_timeout / 3, so the sender does not take this live peer for a silent one."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while True:
-            try:
-                step = min(self.chunk_timeout / 3, deadline - loop.time())
-                return await asyncio.wait_for(asyncio.shield(piece), step)
-            except TimeoutError:
-                if loop.time() >= deadline:
-                    raise
-            await channel.send(_U8.pack(_WAITING))
+        """This peer's slice of the all-reduce once it has started it, within `wait` seconds (TimeoutError)."""
+        return await self._waiting(channel, lambda: asyncio.shield(piece), wait)
 
     async def _when_reduced(self, channel: Channel, mine: Slice, index: int) -> Payload:
-        """Piece `index`'s mean once every member's copy is in, within chunk_timeout * 3; meanwhile a waiting status
-        every chunk_timeout / 3, which tells the sender that this reducer is there."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.chunk_timeout * 3
+        """Piece `index`'s mean once every member's copy is in, within chunk_timeout * 3 (TimeoutError)."""
         while self.hold_replies:
             await asyncio.sleep(self.chunk_timeout / 3)
             await channel.send(_U8.pack(_WAITING))
+        return await self._waiting(channel, lambda: mine.piece(index), self.chunk_timeout * 3)
+
+    async def _waiting(self, channel: Channel, ready: Callable[[], Awaitable[_T]], seconds: float) -> _T:
+        """What `ready()` gives, within `seconds` (TimeoutError); meanwhile a waiting status every chunk_timeout / 3,
+        which tells the sender that this peer is there, so it does not take it for a silent one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
         while True:
             try:
-                return await asyncio.wait_for(mine.piece(index), min(self.chunk_timeout / 3, deadline - loop.time()))
+                return await asyncio.wait_for(ready(), min(self.chunk_timeout / 3, deadline - loop.time()))
             except TimeoutError:
                 if loop.time() >= deadline:
                     raise

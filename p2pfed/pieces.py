@@ -56,7 +56,7 @@ class ButterflyStats:
     held: bool = False
     # a failed all-reduce: the pieces of its result this peer holds, as (start, stop, whole) in the vector's
     # coordinates (whole: every value of it is in `partial`; else only some of its bytes came), and the result
-    # buffer those whole pieces are in
+    # buffer those whole pieces are in. Per all-reduce: merge() does not carry them (secagg.held_of reads them)
     pieces: list[tuple[int, int, bool]] = field(default_factory=list)
     partial: torch.Tensor | None = None
 
@@ -74,8 +74,6 @@ class ButterflyStats:
         self.dropped += other.dropped
         self.unreachable |= other.unreachable
         self.held = self.held or other.held
-        if other.partial is not None:  # a round of one all-reduce (secure dense rounds) is what uses them
-            self.pieces, self.partial = other.pieces, other.partial
 
 
 def piece_sizes(size: int) -> list[int]:
