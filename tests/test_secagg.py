@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
 import torch
+from hivemind.p2p import PeerID
 
 from p2pfed import pieces as pieces_module
 from p2pfed.butterfly import Butterfly, split_sizes
 from p2pfed.compression import Compressor, Fp16, Fp32, Uint8
 from p2pfed.compression.ring import Ring, signed
 from p2pfed.pieces import ButterflyStats
-from p2pfed.secagg import Group, Held, MaskKey, SecureAggregation, held_of, keep_held, ring_bits
+from p2pfed.secagg import Group, Held, InnerAllReduce, MaskKey, SecureAggregation, held_of, keep_held, ring_bits
 from tests.conftest import butterfly_members
 
 LISTEN = ["/ip4/127.0.0.1/tcp/0"]
@@ -31,6 +32,42 @@ RUN = b"p2pfed_test_run"
 
 def _members(n: int) -> contextlib.AbstractAsyncContextManager[list[Butterfly]]:
     return butterfly_members(n, chunk_timeout=10.0)
+
+
+Record = Callable[[str, "torch.Tensor | None", ButterflyStats], None]
+
+
+def _inner(
+    b: Butterfly,
+    tag: bytes,
+    peers: Sequence[PeerID],
+    me: int,
+    *,
+    weight: float,
+    round: int,
+    timeout: float = TIMEOUT,
+    shares: Sequence[float] = (),
+    record: Record | None = None,
+) -> InnerAllReduce:
+    """A member's plain all-reduce that SecureAggregation runs on (its `inner`): `b`'s butterfly all-reduce under
+    tag + phase, equal shares unless given; `record(phase, mean, stats)` sees each all-reduce's outcome."""
+
+    async def inner(
+        vector: torch.Tensor,
+        codec: Compressor,
+        phase: str,
+        reply: Compressor | None = None,
+        clear: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        mean, stats = await b.allreduce(
+            tag + phase.encode(), peers, me, vector, weight=weight, shares=list(shares) or [1.0] * len(peers),
+            codec=codec, round=round, timeout=timeout, reply_codec=reply, clear=clear,
+        )  # fmt: skip
+        if record is not None:
+            record(phase, mean, stats)
+        return mean
+
+    return inner
 
 
 async def _secure_round(
@@ -55,21 +92,7 @@ async def _secure_round(
     publics = [k.public for k in keys]
 
     async def member(i: int) -> torch.Tensor | None:
-        b = butterflies[i]
-
-        async def inner(
-            vector: torch.Tensor,
-            inner_codec: Compressor,
-            phase: str,
-            reply: Compressor | None = None,
-            clear: torch.Tensor | None = None,
-        ) -> torch.Tensor | None:
-            mean, _ = await b.allreduce(
-                tag + phase.encode(), peers, i, vector, weight=weights[i], shares=shares,
-                codec=inner_codec, round=3, timeout=timeout, reply_codec=reply, clear=clear,
-            )  # fmt: skip
-            return mean
-
+        inner = _inner(butterflies[i], tag, peers, i, weight=weights[i], round=3, timeout=timeout, shares=shares)
         secure = SecureAggregation(keys[i], run=RUN, mask=mask, seed=1000 + i)
         group = Group(
             peers=[p.to_bytes() for p in peers], publics=publics, me=i, tag=tag,
@@ -347,20 +370,13 @@ def test_a_masked_round_left_mid_transfer_is_re_run_keeping_the_pieces_members_h
             ) -> tuple[torch.Tensor | None, ButterflyStats]:
                 me, seen = members.index(i), ButterflyStats()
 
-                async def inner(
-                    vector: torch.Tensor,
-                    inner_codec: Compressor,
-                    phase: str,
-                    reply: Compressor | None = None,
-                    clear: torch.Tensor | None = None,
-                ) -> torch.Tensor | None:
-                    mean, stats = await butterflies[i].allreduce(
-                        tag + phase.encode(), [peers[j] for j in members], me, vector, weight=weights[i],
-                        shares=[1.0] * len(members), codec=inner_codec, round=7, timeout=10.0, reply_codec=reply,
-                        clear=clear,
-                    )  # fmt: skip
-                    seen.merge(stats)
-                    return mean
+                def record(phase: str, mean: torch.Tensor | None, stats: ButterflyStats) -> None:
+                    seen.pieces, seen.partial = stats.pieces, stats.partial  # its one all-reduce (a scaled phase)
+
+                inner = _inner(
+                    butterflies[i], tag, [peers[j] for j in members], me, weight=weights[i], round=7, timeout=10.0,
+                    record=record,
+                )  # fmt: skip
 
                 group = Group(
                     peers=[peers[j].to_bytes() for j in members], publics=[keys[j].public for j in members], me=me,
@@ -440,20 +456,8 @@ def test_masking_composes_with_the_linear_reductions(name: str) -> None:
             keys = [MaskKey() for _ in range(n)]
 
             async def member(i: int, how: str) -> torch.Tensor | None:
-                b, tag = butterflies[i], f"{name}-{how}".encode()
-
-                async def inner(
-                    vector: torch.Tensor,
-                    codec: Compressor,
-                    phase: str,
-                    reply: Compressor | None = None,
-                    clear: torch.Tensor | None = None,
-                ) -> torch.Tensor | None:
-                    mean, _ = await b.allreduce(
-                        tag + phase.encode(), peers, i, vector, weight=weights[i], shares=[1.0] * n, codec=codec,
-                        round=5, timeout=TIMEOUT, reply_codec=reply, clear=clear,
-                    )  # fmt: skip
-                    return mean
+                tag = f"{name}-{how}".encode()
+                inner = _inner(butterflies[i], tag, peers, i, weight=weights[i], round=5)
 
                 reduction = make_reduction(CompressionConfig(name=name, error_feedback=False), seed=0, peer_seed=i)
                 if how == "plain":
@@ -506,27 +510,20 @@ def test_a_masked_powersgd_round_left_in_its_second_all_reduce_keeps_the_first(m
             async def member(i: int, members: list[int], tag: bytes, held: dict[str, Held]) -> torch.Tensor | None:
                 me = members.index(i)
 
-                async def inner(
-                    vector: torch.Tensor,
-                    codec: Compressor,
-                    phase: str,
-                    reply: Compressor | None = None,
-                    clear: torch.Tensor | None = None,
-                ) -> torch.Tensor | None:
-                    if i == 2 and phase == "q.ring":  # the third leaves mid-transfer
+                def record(phase: str, mean: torch.Tensor | None, stats: ButterflyStats) -> None:
+                    if i == 2 and phase == "q.scale":  # next comes Q's masked all-reduce: the third leaves in it
                         monkeypatch.setattr(butterflies[2], "_when_reduced", never_replies)
                         butterflies[2].on_reply = task.cancel
-                    mean, stats = await butterflies[i].allreduce(
-                        tag + phase.encode(), [peers[j] for j in members], me, vector, weight=weights[i],
-                        shares=[1.0] * len(members), codec=codec, round=5, timeout=10.0, reply_codec=reply,
-                        clear=clear,
-                    )  # fmt: skip
                     if phase.endswith(".ring"):
                         means[i][phase] = mean
                         holding = held_of(mean, stats)
                         if holding is not None:
                             holds[i][phase.removesuffix(".ring")] = holding
-                    return mean
+
+                inner = _inner(
+                    butterflies[i], tag, [peers[j] for j in members], me, weight=weights[i], round=5, timeout=10.0,
+                    record=record,
+                )  # fmt: skip
 
                 reduction = make_reduction(
                     CompressionConfig(name="powersgd", error_feedback=False), seed=0, peer_seed=i
