@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from p2pfed.actors.averager import _diverged_members
+from p2pfed.actors.averager import TIE_ROUNDS, _diverged_members
 from p2pfed.report import max_param_divergence
 from tests.conftest import CPU_PROFILE, TINY, Launcher, wait_no_leftovers
 
@@ -34,6 +34,20 @@ PERTURB_AT = 10
 def test_diverged_members(prints: dict[str, float], expected: set[str]) -> None:
     gathered = {peer: {"step": 5, "fingerprint": fp} for peer, fp in prints.items()}
     assert _diverged_members(gathered) == expected
+
+
+@pytest.mark.parametrize(
+    ("prints", "expected"),
+    [
+        ({"a": 1.01, "b": 1.0}, None),  # two members that disagree: nobody can tell who is right
+        ({"a": 1.0, "b": 1.01, "c": 1.0, "d": 1.01}, None),  # the two largest clusters tie
+        ({"a": 1.01, "b": 1.0, "c": 1.0}, {"a"}),  # a majority decides without a tie-break
+        ({"a": 1.0, "b": 1.0}, set()),
+    ],
+)
+def test_diverged_members_without_tie_break(prints: dict[str, float], expected: set[str] | None) -> None:
+    gathered = {peer: {"step": 5, "fingerprint": fp} for peer, fp in prints.items()}
+    assert _diverged_members(gathered, tie_break=False) == expected
 
 
 @pytest.mark.slow
@@ -74,4 +88,38 @@ def test_a_diverged_peer_recovers_and_a_garbage_sending_peer_is_ignored(launcher
     assert "fault injection: this round's update carries" in second.stderr()
     assert sum(r["contributions_dropped"] for r in reports) >= STEPS // 2
     assert "dropped a contribution" in first.stderr() + faulty.stderr()
+    assert wait_no_leftovers(launcher) == []
+
+
+@pytest.mark.slow
+def test_two_peers_that_disagree_wait_for_a_majority_then_break_the_tie(launcher: Launcher, tmp_path: Path) -> None:
+    # Prepare: a swarm of two; the second corrupts its own parameters after step PERTURB_AT, so every later round
+    # has two members that disagree and no majority.
+    steps = PERTURB_AT + 10
+
+    def args(i: int, extra: list[str]) -> list[str]:
+        return [
+            "peer", "--config", TINY, "--profile", CPU_PROFILE, "--max-steps", str(steps), "--events", "jsonl",
+            "--set", "swarm.min_peers=2", "--set", "data.num_partitions=2", "--set", f"data.partition_index={i}",
+            "--report", str(tmp_path / f"peer{i}.json"), "--save-params", str(tmp_path / f"peer{i}.safetensors"),
+            *extra,
+        ]  # fmt: skip
+
+    first = launcher.start(*args(0, []), name="peer0")
+    second = launcher.start(*args(1, ["--initial-peers", first.bootstrap(), "--perturb-at", str(PERTURB_AT)]))
+
+    # Execute
+    codes = [p.wait(timeout=240) for p in (first, second)]
+
+    # Assert: TIE_ROUNDS - 1 tied rounds fail on both without a download, then exactly one peer takes the other's
+    # state, and the two end in agreement.
+    assert codes == [0, 0], [p.stderr()[-2000:] for p in (first, second)]
+    reports = [json.loads((tmp_path / f"peer{i}.json").read_text()) for i in range(2)]
+    for report in reports:
+        assert report["failure_reasons"].get("parameters of the members disagree, with no majority to tell who is "
+                                             "right", 0) >= TIE_ROUNDS - 1  # fmt: skip
+    assert sorted(min(1, r["state_downloads"]) for r in reports) == [0, 1]
+    assert all(r["final_step"] == steps for r in reports)
+    divergence = max_param_divergence([tmp_path / f"peer{i}.safetensors" for i in range(2)])
+    assert divergence is not None and divergence < 1e-4
     assert wait_no_leftovers(launcher) == []

@@ -67,6 +67,7 @@ class Averager(Actor):
         self._control: Any = None  # the hivemind StepControl of the round in flight
         self.tcp_endpoint: list[Any] | None = None  # [host, port] of this averager's TCP listener
         self.mask_key = MaskKey() if cfg.privacy.secure_aggregation else None
+        self._tied_rounds = 0  # rounds in a row whose members' parameters disagreed with no majority
         a = cfg.averaging
         self.deadlines = Deadlines(
             matchmaking_time=a.matchmaking_time, timeout=a.timeout, request_timeout=a.request_timeout
@@ -242,7 +243,12 @@ class Averager(Actor):
             return replace(result, committed=True)
         if any(s != msg.step for s in steps):
             return replace(result, reason=f"group members were at different steps {sorted(steps)}")
-        outliers = _diverged_members(outcome["gathered"])
+        # A tie (two members that disagree) is left to a later round with a third member, which has a majority;
+        # only after TIE_ROUNDS tied rounds in a row (a swarm of two) does the smallest peer id win.
+        outliers = _diverged_members(outcome["gathered"], tie_break=self._tied_rounds + 1 >= TIE_ROUNDS)
+        self._tied_rounds = self._tied_rounds + 1 if outliers is None else 0
+        if outliers is None:
+            return replace(result, reason="parameters of the members disagree, with no majority to tell who is right")
         if outliers:
             mine = self.dht.peer_id.to_base58() in outliers
             return replace(
@@ -304,11 +310,14 @@ class Deadlines:
 # Members at one step hold the same parameters up to rounding (about one ULP per round): a relative difference in
 # the sum of squares far above that means some member applied a different update.
 _FINGERPRINT_RTOL = 1e-5
+TIE_ROUNDS = 3  # tied rounds in a row before the smallest peer id's parameters win
 
 
-def _diverged_members(gathered: dict[str, Any]) -> set[str]:
-    """Peer ids whose parameter fingerprint is not in the largest cluster of agreeing members (ties: the cluster
-    with the smallest peer id wins, so two disagreeing peers do not both download each other's state)."""
+def _diverged_members(gathered: dict[str, Any], *, tie_break: bool = True) -> set[str] | None:
+    """Peer ids whose parameter fingerprint is not in the largest cluster of agreeing members. When two or more
+    clusters are the largest (e.g. two members that disagree), the group cannot tell who is right: None, unless
+    `tie_break`, where the cluster with the smallest peer id wins, so two disagreeing peers do not both download
+    each other's state."""
     prints = {peer: float(d.get("fingerprint", 0.0)) for peer, d in gathered.items() if isinstance(d, dict)}
     clusters: list[set[str]] = []
     for peer in sorted(prints):
@@ -321,6 +330,9 @@ def _diverged_members(gathered: dict[str, Any]) -> set[str]:
             clusters.append({peer})
     if len(clusters) <= 1:
         return set()
+    largest = max(len(c) for c in clusters)
+    if not tie_break and sum(len(c) == largest for c in clusters) > 1:
+        return None
     best = max(clusters, key=lambda c: (len(c), [-ord(ch) for ch in min(c)]))
     return set(prints) - best
 
