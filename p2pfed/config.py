@@ -137,7 +137,7 @@ class CompressionConfig(_Section):
         "rounding), 'randomk' (shared-seed random coordinates), 'topk' (largest coordinates), 'powersgd' (low rank)",
     )
     ratio: float = Field(0.01, gt=0.0, le=1.0, description="randomk and topk: share of coordinates kept")
-    rank: int = Field(4, ge=1, description="powersgd: rank of the approximation")
+    rank: int = Field(4, ge=1, description="powersgd: rank of the approximation of each weight matrix")
     error_feedback: bool = Field(
         True, description="randomk, topk and powersgd: add what compression dropped to the next round's update"
     )

@@ -308,6 +308,7 @@ class Peer:
                 cfg,
                 dht=self.discovery.dht,
                 numel=self.trainer.numel,
+                shapes=[tuple(p.shape) for p in self.trainer.params],
                 state_fn=self.trainer.current_state,
                 client_mode=self.profile.client_mode,
                 relays=self.opt.initial_peers if self.profile.relay else (),

@@ -10,7 +10,7 @@
 | none/fp16/uint8 | Dense     | the update itself, compressed on the way to each reducer and on the way back   |
 | randomk         | Coords    | the k shared-seed coordinates (linear: the group averages them exactly)        |
 | topk            | TopK      | each peer's top-k as sparse parts; the reducers' sums as sparse replies         |
-| powersgd        | LowRank   | P = M Q, then Q = Mᵀ P̂: two all-reduces of (rows + cols) * rank values          |
+| powersgd        | LowRank   | per weight matrix, P = M Q, then Q = Mᵀ P̂: (rows + cols) * rank values each     |
 
 Error feedback (on by default for the last three) keeps what this peer's compression dropped and adds it to the next
 round's update. The residual commits only when the round does: a failed round loses nothing.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import torch
 
@@ -113,23 +113,24 @@ class LowRank(Reduction):
         self.compressor, self.feedback = compressor, _Feedback(error_feedback)
 
     async def run(self, x: torch.Tensor, allreduce: AllReduce, *, round: int) -> torch.Tensor | None:
-        rows, cols, r = self.compressor.shape(x.numel())
         corrected = self.feedback.corrected(x)
-        p_mean = await allreduce(self.compressor.local_p(corrected, round=round).reshape(-1), Fp32(), "p")
+        p_mean = await allreduce(self.compressor.local_p(corrected, round=round), Fp32(), "p")
         if p_mean is None:
             return None
-        p_mean = p_mean.view(rows, r)
-        q_local = self.compressor.local_q(corrected, p_mean)  # (cols, r)
-        q_mean = await allreduce(q_local.reshape(-1), Fp32(), "q")
+        q_local = self.compressor.local_q(corrected, p_mean)  # (q_size,)
+        q_mean = await allreduce(q_local, Fp32(), "q")
         if q_mean is None:
             return None
         mine = self.compressor.finish(p_mean, q_local, numel=x.numel())  # this peer's own rank-r part
         self.feedback.commit(corrected, mine)
-        return self.compressor.finish(p_mean, q_mean.view(cols, r), numel=x.numel())
+        return self.compressor.finish(p_mean, q_mean, numel=x.numel())
 
 
-def make_reduction(cfg: CompressionConfig, *, seed: int, peer_seed: int) -> Reduction:
-    """The reduction for `compression.name`; `seed` is shared by the run, `peer_seed` is this peer's own."""
+def make_reduction(
+    cfg: CompressionConfig, *, seed: int, peer_seed: int, shapes: Sequence[Sequence[int]] | None = None
+) -> Reduction:
+    """The reduction for `compression.name`; `seed` is shared by the run, `peer_seed` is this peer's own, `shapes`
+    the tensors the update is made of, in order (PowerSGD's matrices; None: one matrix of the whole vector)."""
     name = cfg.name
     if name == "none":
         return Dense(Fp32())
@@ -143,5 +144,6 @@ def make_reduction(cfg: CompressionConfig, *, seed: int, peer_seed: int) -> Redu
         return TopKReduction(TopK(ratio=cfg.ratio), error_feedback=cfg.error_feedback)
     if name == "powersgd":
         # A fresh shared Q per round: a member that missed a round still projects onto its group's basis.
-        return LowRank(PowerSGD(rank=cfg.rank, seed=seed, warm_start=False), error_feedback=cfg.error_feedback)
+        compressor = PowerSGD(rank=cfg.rank, seed=seed, warm_start=False, shapes=shapes)
+        return LowRank(compressor, error_feedback=cfg.error_feedback)
     raise ValueError(f"unknown compression {name!r}")

@@ -257,7 +257,7 @@ def test_powersgd_round_is_one_power_step_from_the_last_q() -> None:
     m = torch.nn.functional.pad(x, (0, rows * cols - x.numel())).view(rows, cols)
     compressor.compress(x, round=0)
     assert compressor.warm_q is not None
-    q = compressor.warm_q.clone()
+    q = compressor.warm_q.clone().view(cols, r)
 
     # Execute
     out = _round_trip(compressor, x, round=1)
@@ -326,6 +326,77 @@ def test_powersgd_two_phase_mean_equals_compressing_the_mean() -> None:
         for peer in peers:
             assert peer.warm_q is not None and reference.warm_q is not None
             assert_close(peer.warm_q, reference.warm_q, rtol=1e-4, atol=1e-5)
+
+
+# Per-tensor layout: a model's update as its parameters, in the order they are flattened.
+SHAPES = [(48, 20), (20,), (6, 4, 5), (3, 3), (0,), (40, 48)]
+
+
+def _per_tensor_reference(
+    xs: list[torch.Tensor], shapes: list[tuple[int, ...]], rank: int, q_draw: torch.Generator
+) -> torch.Tensor:
+    """Plain-torch two-phase PowerSGD of the mean of xs, tensor by tensor: matrices of (shape[0], rest) that rank r
+    shrinks get P̂ P̂ᵀ M̄ with P̂ from the mean of M_i Q (Q drawn in layout order), the rest their exact mean."""
+    out, offset = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        pieces = [x[offset : offset + size] for x in xs]
+        offset += size
+        rows = shape[0] if len(shape) >= 2 else size
+        cols = size // rows if rows else 0
+        r = min(rank, rows, cols)
+        if len(shape) < 2 or r * (rows + cols) >= size:
+            out.append(torch.stack(pieces).mean(0))
+            continue
+        q = torch.randn(cols, r, generator=q_draw)
+        ms = [piece.view(rows, cols) for piece in pieces]
+        p_hat = torch.linalg.qr(torch.stack([m @ q for m in ms]).mean(0)).Q
+        out.append((p_hat @ torch.stack([m.T @ p_hat for m in ms]).mean(0).T).reshape(-1))
+    return torch.cat(out)
+
+
+def test_powersgd_per_tensor_two_phase_mean_matches_plain_torch() -> None:
+    # Prepare: three peers' updates laid out as SHAPES
+    numel = sum(math.prod(s) for s in SHAPES)
+    peers = [PowerSGD(rank=2, seed=3, warm_start=False, shapes=SHAPES) for _ in range(3)]
+    xs = [_randn(numel, seed=10 + i) for i in range(3)]
+
+    # Execute: one two-phase round, each mean in plain torch
+    p_mean = torch.stack([peer.local_p(x, round=7) for peer, x in zip(peers, xs, strict=True)]).mean(0)
+    q_mean = torch.stack([peer.local_q(x, p_mean) for peer, x in zip(peers, xs, strict=True)]).mean(0)
+    result = peers[0].finish(p_mean, q_mean, numel=numel)
+
+    # Assert: the per-tensor definition, and a payload of (rows + cols) r values per shrunk matrix plus the rest
+    from p2pfed.compression.base import seeded_generator
+
+    expected = _per_tensor_reference(xs, SHAPES, 2, seeded_generator(3, 7, "powersgd"))
+    assert_close(result, expected, rtol=1e-4, atol=1e-5)
+    assert p_mean.numel() + q_mean.numel() == 2 * (48 + 20) + 20 + 2 * (6 + 20) + 9 + 0 + 2 * (40 + 48)
+
+
+def test_powersgd_per_tensor_restores_low_rank_matrices_and_exact_vectors() -> None:
+    # Prepare: every shrunk matrix of rank 2, every other tensor arbitrary
+    compressor = PowerSGD(rank=2, shapes=SHAPES)
+    parts = []
+    for i, shape in enumerate(SHAPES):
+        size = math.prod(shape)
+        if len(shape) >= 2 and 2 * (shape[0] + size // shape[0]) < size:
+            parts.append((_randn(shape[0], 2, seed=i) @ _randn(size // shape[0], 2, seed=50 + i).T).reshape(-1))
+        else:
+            parts.append(_randn(size, seed=i))
+    x = torch.cat(parts)
+
+    # Execute
+    out = _round_trip(compressor, x)
+
+    # Assert
+    assert _relative_error(out, x) <= LOW_RANK_TOL
+    assert compressor.compress(x, round=1).nbytes == 4 * (2 * (48 + 20) + 20 + 2 * (6 + 20) + 9 + 2 * (40 + 48)) + 3 * H
+
+
+def test_powersgd_shapes_must_add_up_to_the_vector() -> None:
+    with pytest.raises(ValueError, match="powersgd shapes hold 12 elements, the vector has 13"):
+        PowerSGD(shapes=[(3, 4)]).compress(_randn(13), round=0)
 
 
 # --- wire sizes -------------------------------------------------------------------------------------------------------

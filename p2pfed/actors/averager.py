@@ -47,6 +47,7 @@ class Averager(Actor):
         *,
         dht: hivemind.DHT,
         numel: int,
+        shapes: Sequence[Sequence[int]] | None = None,
         state_fn: Callable[[], tuple[Any, Sequence[torch.Tensor]]],
         client_mode: bool,
         cloud: str,
@@ -57,6 +58,7 @@ class Averager(Actor):
         super().__init__()
         self.die_in_round = die_in_round  # test aid: this process group dies in the data path of that all-reduce
         self.cfg, self.dht, self.numel, self.state_fn, self.client_mode = cfg, dht, numel, state_fn, client_mode
+        self.shapes = shapes  # the tensors the flat update is made of, in order (PowerSGD's matrices)
         # profile relay: full multiaddrs of the peers that may relay parts to this one (which accepts no connection)
         self.relays = [split_maddr(m) for m in relays]
         self.client_mode = client_mode or bool(relays)  # hivemind's client mode: a relayed peer only dials out
@@ -94,7 +96,9 @@ class Averager(Actor):
             min_matchmaking_time=a.matchmaking_time,
             request_timeout=a.request_timeout,
             allreduce_timeout=a.timeout,
-            reduction=make_reduction(self.cfg.compression, seed=self.cfg.run.seed, peer_seed=_peer_seed(self.dht)),
+            reduction=make_reduction(
+                self.cfg.compression, seed=self.cfg.run.seed, peer_seed=_peer_seed(self.dht), shapes=self.shapes
+            ),
             hierarchical=a.mode == "hierarchical",
             tcp_socket=tcp[0] if tcp is not None else None,
             secure=SecureAggregation(self.mask_key, run=self.cfg.run.id.encode()) if self.mask_key else None,
