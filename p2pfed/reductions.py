@@ -143,7 +143,9 @@ def make_reduction(
     if name == "topk":
         return TopKReduction(TopK(ratio=cfg.ratio), error_feedback=cfg.error_feedback)
     if name == "powersgd":
-        # A fresh shared Q per round: a member that missed a round still projects onto its group's basis.
-        compressor = PowerSGD(rank=cfg.rank, seed=seed, warm_start=False, shapes=shapes)
+        # Q warm-started from the group's last mean Q (PowerSGD's subspace iteration). A member whose Q differs (it
+        # missed a round, or just joined) still gets the exact projection of the group's mean onto the P̂ the group
+        # agreed on, only onto a worse subspace that round; from then on its Q is the group's.
+        compressor = PowerSGD(rank=cfg.rank, seed=seed, warm_start=True, shapes=shapes)
         return LowRank(compressor, error_feedback=cfg.error_feedback)
     raise ValueError(f"unknown compression {name!r}")

@@ -261,8 +261,11 @@ def test_a_member_that_never_shows_up_fails_the_round_for_everyone_and_writes_no
     _run(main())
 
 
-def _reference(name: str, vectors: Sequence[torch.Tensor], *, round: int) -> torch.Tensor:
-    """What the group should get, computed with plain torch from the compressor's own definition."""
+def _reference(
+    name: str, vectors: Sequence[torch.Tensor], *, round: int, q: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What the group should get, computed with plain torch from the compressor's own definition. PowerSGD: `q`
+    (cols, r) is this round's Q, overwritten with the next round's (the group's mean Q)."""
     numel = vectors[0].numel()
     if name == "randomk":
         chosen = RandomK(ratio=0.05, seed=3).indices(numel, round=round)
@@ -277,12 +280,12 @@ def _reference(name: str, vectors: Sequence[torch.Tensor], *, round: int) -> tor
             mask[v.abs().topk(k).indices] = True
             kept.append(torch.where(mask, v, 0.0))
         return torch.stack(kept).mean(0)
-    assert name == "powersgd"
+    assert name == "powersgd" and q is not None
     rows, cols, r = PowerSGD(rank=2).shape(numel)
-    q = torch.randn(cols, r, generator=_seeded(3, round))
     ms = [torch.nn.functional.pad(v, (0, rows * cols - numel)).view(rows, cols) for v in vectors]
     p_hat = torch.linalg.qr(torch.stack([m @ q for m in ms]).mean(0)).Q
     q_mean = torch.stack([m.T @ p_hat for m in ms]).mean(0)
+    q.copy_(q_mean)  # warm start: the next round's Q
     return (p_hat @ q_mean.T).reshape(-1)[:numel]
 
 
@@ -316,7 +319,10 @@ def test_compressed_reductions_match_their_plain_torch_definition(name: str) -> 
                 return await reduction.run(vectors[i], allreduce, round=round)
 
             results = await asyncio.gather(*(run(i, r, 5) for i, r in enumerate(reductions)))
-            expected = _reference(name, vectors, round=5)
+            # PowerSGD's first Q is drawn from the shared seed (round 0); each later one is the group's last mean Q
+            _, cols, rank = PowerSGD(rank=2).shape(vectors[0].numel())
+            q = torch.randn(cols, rank, generator=_seeded(3, 0))
+            expected = _reference(name, vectors, round=5, q=q)
             for mean in results:
                 assert_close(mean, expected, atol=1e-5, rtol=1e-4)
             # Error feedback: each member keeps what its compression dropped this round...
@@ -327,8 +333,9 @@ def test_compressed_reductions_match_their_plain_torch_definition(name: str) -> 
             # ...and the next round compresses its update plus that residual.
             second = await asyncio.gather(*(run(i, r, 6) for i, r in enumerate(reductions)))
             corrected = [v + res for v, res in zip(vectors, residuals, strict=True)]
+            expected = _reference(name, corrected, round=6, q=q)
             for mean in second:
-                assert_close(mean, _reference(name, corrected, round=6), atol=1e-5, rtol=1e-4)
+                assert_close(mean, expected, atol=1e-5, rtol=1e-4)
 
     _run(main())
 

@@ -394,6 +394,33 @@ def test_powersgd_per_tensor_restores_low_rank_matrices_and_exact_vectors() -> N
     assert compressor.compress(x, round=1).nbytes == 4 * (2 * (48 + 20) + 20 + 2 * (6 + 20) + 9 + 2 * (40 + 48)) + 3 * H
 
 
+def test_powersgd_member_with_another_q_still_gets_the_projection_of_the_mean_and_then_the_groups_q() -> None:
+    # Prepare: three warm-started peers after a round together; the third then missed a round (another Q)
+    numel = sum(math.prod(s) for s in SHAPES)
+    peers = [PowerSGD(rank=2, seed=3, shapes=SHAPES) for _ in range(3)]
+    xs = [_randn(numel, seed=20 + i) for i in range(3)]
+    for peer in peers:
+        peer.warm_q = _randn(peer.sizes(numel)[1], seed=30)
+    assert peers[2].warm_q is not None
+    peers[2].warm_q = peers[2].warm_q + _randn(peers[2].warm_q.numel(), seed=31)
+
+    # Execute: one two-phase round
+    p_mean = torch.stack([peer.local_p(x, round=1) for peer, x in zip(peers, xs, strict=True)]).mean(0)
+    q_mean = torch.stack([peer.local_q(x, p_mean) for peer, x in zip(peers, xs, strict=True)]).mean(0)
+    results = [peer.finish(p_mean, q_mean, numel=numel) for peer in peers]
+
+    # Assert: each matrix's result is P̂ P̂ᵀ of the mean matrix, P̂ from the mean P, and every peer keeps one Q
+    mean_x = torch.stack(xs).mean(0)
+    for seg in peers[0].layout(numel):
+        part = mean_x[seg.offset : seg.offset + seg.numel]
+        if seg.r:
+            p_hat = torch.linalg.qr(p_mean[seg.p : seg.p + seg.rows * seg.r].view(seg.rows, seg.r)).Q
+            part = (p_hat @ p_hat.T @ part.view(seg.rows, seg.cols)).reshape(-1)
+        for result in results:
+            assert_close(result[seg.offset : seg.offset + seg.numel], part, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(peer.warm_q, peers[0].warm_q) for peer in peers if peer.warm_q is not None)
+
+
 def test_powersgd_shapes_must_add_up_to_the_vector() -> None:
     with pytest.raises(ValueError, match="powersgd shapes hold 12 elements, the vector has 13"):
         PowerSGD(shapes=[(3, 4)]).compress(_randn(13), round=0)
