@@ -206,6 +206,8 @@ class PowerSGD(Compressor):
     @staticmethod
     def _matrix(flat: torch.Tensor, seg: Segment) -> torch.Tensor:
         piece = flat[seg.offset : seg.offset + seg.numel]
+        if seg.rows * seg.cols == seg.numel:  # a tensor of the layout: a view, no copy
+            return piece.view(seg.rows, seg.cols)
         return torch.nn.functional.pad(piece, (0, seg.rows * seg.cols - seg.numel)).view(seg.rows, seg.cols)
 
     def _qs(self, segments: list[Segment], round: int) -> torch.Tensor:
