@@ -24,8 +24,9 @@ averages the decompressed x̂_i, the result is the mean of per-peer rank-r appro
 apart. True PowerSGD all-reduces in two phases, P_i = M_i Q first (with the vectors), then Q_i = M_iᵀ P̂ with P̂ from
 the mean of the P_i; both phases are linear in M_i given the shared Q, so the group gets exactly the rank-r step of
 the mean M and every peer keeps the same Q. `local_p`, `local_q` and `finish` are those phases for a two-phase
-all-reduce, on flat vectors; a peer that joins late must copy `warm_q` from the group first, or its P_i will be in
-another basis.
+all-reduce, on flat vectors. A peer whose Q differs (it joined late or missed a round) puts its P_i in another
+basis: the group still gets P̂ P̂ᵀ M̄ exactly for the P̂ it agrees on, only in a worse subspace that round, and
+every peer that finishes the round keeps the group's mean Q.
 """
 
 from __future__ import annotations
