@@ -121,6 +121,7 @@ class Peer:
             "rounds_solo": 0,
             "rounds_reformed": 0,  # failed when members vanished mid-round, then committed by those left
             "state_downloads": 0,
+            "diverged": 0,  # rounds whose group found this peer's parameters out of line with its majority
             "compute_s": 0.0,
             "failures": collections.Counter(),
             "bytes_by_cloud": collections.Counter(),
@@ -549,6 +550,7 @@ class Peer:
                 # finished peers count too: one that committed the last round without us lingers to share its state
                 ahead = max([p.step for p in everyone] + [rnd.max_group_step])
                 if rnd.diverged:  # this peer applied an update the others did not: take the majority's state
+                    self.stats["diverged"] += 1
                     self.averager.set_state_priority(self.trainer.step - 0.5)  # nobody should copy us meanwhile
                     await self.overlap.drop()
                     await self._catch_up(self.trainer.step)
@@ -710,6 +712,7 @@ class Peer:
             "start_step": start,
             "final_step": self.trainer.step,
             "state_downloads": self.stats["state_downloads"],
+            "diverged": self.stats["diverged"],
             "failure_reasons": dict(self.stats["failures"]),
             "compute_s": round(self.stats["compute_s"], 3),
             "waiting_s": round(self.stats["waiting_s"], 3),

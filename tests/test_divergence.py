@@ -75,8 +75,9 @@ def test_a_diverged_peer_recovers_and_a_garbage_sending_peer_is_ignored(launcher
     reports = [json.loads((tmp_path / f"peer{i}.json").read_text()) for i in range(3)]
     assert "fault injection: parameters perturbed" in faulty.stderr()
     assert any("diverged" in reason for reason in reports[2]["failure_reasons"])
-    assert reports[2]["state_downloads"] >= 1
-    assert reports[0]["state_downloads"] == 0 and reports[1]["state_downloads"] == 0
+    assert reports[2]["diverged"] >= 1 and reports[2]["state_downloads"] >= 1
+    # the honest peers were never found out of line (a peer that fell behind still catches up by a state download)
+    assert reports[0]["diverged"] == 0 and reports[1]["diverged"] == 0
     assert all(r["final_step"] == STEPS for r in reports)
     divergence = max_param_divergence([tmp_path / f"peer{i}.safetensors" for i in range(3)])
     assert divergence is not None and divergence < 1e-4
@@ -118,7 +119,7 @@ def test_two_peers_that_disagree_wait_for_a_majority_then_break_the_tie(launcher
     for report in reports:
         assert report["failure_reasons"].get("parameters of the members disagree, with no majority to tell who is "
                                              "right", 0) >= TIE_ROUNDS - 1  # fmt: skip
-    assert sorted(min(1, r["state_downloads"]) for r in reports) == [0, 1]
+    assert sorted(min(1, r["diverged"]) for r in reports) == [0, 1]
     assert all(r["final_step"] == steps for r in reports)
     divergence = max_param_divergence([tmp_path / f"peer{i}.safetensors" for i in range(2)])
     assert divergence is not None and divergence < 1e-4
