@@ -442,7 +442,7 @@ def test_payload_sizes_follow_their_formulas(numel: int) -> None:
         "randomk": 4 * k + H,  # fp32 values only: the indices come from the shared seed
         "topk": k * (4 + 4) + H,  # int32 index + fp32 value
         "topk-fp16": k * (4 + 2) + H,  # int32 index + fp16 value
-        "powersgd": 4 * r * (rows + cols) + 3 * H,  # P̂ (rows, r) and Q (cols, r) in fp32, header (rows, cols, r)
+        "powersgd": 4 * r * (rows + cols) + 3 * H,  # P (rows, r) and Q (cols, r) in fp32, header (|P|, |Q|, rank)
     }
 
     # Execute

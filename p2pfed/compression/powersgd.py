@@ -2,7 +2,7 @@
 update's layout is known (Vogels et al., 2019).
 
     compressor = PowerSGD(rank=4, seed=run_seed, shapes=[p.shape for p in model.parameters()])
-    payload = compressor.compress(x, round=r)      # P̂ and Q of each matrix, and the vectors as they are, in fp32
+    payload = compressor.compress(x, round=r)      # P and Q of each matrix, and the vectors as they are, in fp32
 
 Layout. With `shapes` (the model's parameters in the order they are flattened), each tensor of two or more dims is a
 matrix M of (shape[0], the rest) and each 1-D tensor (norms, biases) goes as it is, as does a matrix so small that
@@ -76,6 +76,10 @@ class Segment:
     def p_size(self) -> int:
         return self.rows * self.r if self.r else self.numel
 
+    @property
+    def q_size(self) -> int:
+        return self.cols * self.r
+
 
 @dataclass(kw_only=True)
 class PowerSGD(Compressor):
@@ -123,37 +127,24 @@ class PowerSGD(Compressor):
                 r = 0
             segment = Segment(offset, size, rows, cols, r, p, q)
             segments.append(segment)
-            offset, p, q = offset + size, p + segment.p_size, q + cols * r
+            offset, p, q = offset + size, p + segment.p_size, q + segment.q_size
         return segments
 
     def sizes(self, numel: int) -> tuple[int, int]:
         """How many values the flat P (with the vectors sent as they are) and Q of a vector of numel elements hold."""
         last = self.layout(numel)[-1]
-        return last.p + last.p_size, last.q + last.cols * last.r
+        return last.p + last.p_size, last.q + last.q_size
 
     def compress(self, x: torch.Tensor, *, round: int) -> Payload:
-        check_round(round)
-        flat = flat32(x)
-        segments = self.layout(flat.numel())
-        qs = self._qs(segments, round)
-        ps, news = [], []
-        for seg in segments:
-            if not seg.r:
-                ps.append(flat[seg.offset : seg.offset + seg.numel])
-                continue
-            m = self._matrix(flat, seg)  # (rows, cols)
-            p_hat = orthonormal(m @ qs[seg.q : seg.q + seg.cols * seg.r].view(seg.cols, seg.r))  # (rows, r)
-            ps.append(p_hat.reshape(-1))
-            news.append((m.T @ p_hat).reshape(-1))  # (cols, r)
-        q = torch.cat(news) if news else torch.zeros(0)
+        p_all = self.local_p(x, round=round)  # the two phases on this peer's vector alone
+        q = self.local_q(x, p_all)
         self.warm_q = q
-        p_all = torch.cat(ps)
         return Payload(pack(p_all, q), header=(p_all.numel(), q.numel(), self.rank))
 
     def decompress(self, payload: Payload, *, numel: int, round: int) -> torch.Tensor:
         p_size, q_size = self.sizes(numel)
         p_all, q = unpack(payload, (p_size, q_size, self.rank), (np.float32, p_size), (np.float32, q_size))
-        return self._assemble(p_all, q, numel, orthonormalize=False)
+        return self._assemble(p_all, q, numel)
 
     # The two phases of a group all-reduce, on flat vectors; every peer calls them with the group's means.
 
@@ -164,7 +155,7 @@ class PowerSGD(Compressor):
         segments = self.layout(flat.numel())
         qs = self._qs(segments, round)
         parts = [
-            (self._matrix(flat, seg) @ qs[seg.q : seg.q + seg.cols * seg.r].view(seg.cols, seg.r)).reshape(-1)
+            (self._matrix(flat, seg) @ self._q(qs, seg)).reshape(-1)
             if seg.r
             else flat[seg.offset : seg.offset + seg.numel]
             for seg in segments
@@ -184,25 +175,27 @@ class PowerSGD(Compressor):
     def finish(self, p_mean: torch.Tensor, q_mean: torch.Tensor, *, numel: int) -> torch.Tensor:
         """The group's (numel,) rank-r average from the two means; keeps q_mean as the next round's Q."""
         self.warm_q = q_mean.reshape(-1).clone()
-        return self._assemble(p_mean.reshape(-1), q_mean.reshape(-1), numel, orthonormalize=True)
+        return self._assemble(p_mean.reshape(-1), q_mean.reshape(-1), numel)
 
-    def _assemble(self, p_all: torch.Tensor, q: torch.Tensor, numel: int, *, orthonormalize: bool) -> torch.Tensor:
+    def _assemble(self, p_all: torch.Tensor, q: torch.Tensor, numel: int) -> torch.Tensor:
+        """The (numel,) vector of P̂ Qᵀ per matrix (P̂ the orthonormal basis of its P) and the tensors sent as is."""
         out = torch.empty(numel, dtype=torch.float32)
         for seg in self.layout(numel):
             dest = out[seg.offset : seg.offset + seg.numel]
             if not seg.r:
                 dest.copy_(p_all[seg.p : seg.p + seg.numel])
                 continue
-            p_hat = self._p(p_all, seg)
-            if orthonormalize:
-                p_hat = orthonormal(p_hat)
-            q_seg = q[seg.q : seg.q + seg.cols * seg.r].view(seg.cols, seg.r)
-            dest.copy_((p_hat @ q_seg.T).reshape(-1)[: seg.numel])  # (rows, cols), cut to the tensor
+            p_hat = orthonormal(self._p(p_all, seg))
+            dest.copy_((p_hat @ self._q(q, seg).T).reshape(-1)[: seg.numel])  # (rows, cols), cut to the tensor
         return out
 
     @staticmethod
     def _p(p_all: torch.Tensor, seg: Segment) -> torch.Tensor:
         return p_all[seg.p : seg.p + seg.rows * seg.r].view(seg.rows, seg.r)
+
+    @staticmethod
+    def _q(q_all: torch.Tensor, seg: Segment) -> torch.Tensor:
+        return q_all[seg.q : seg.q + seg.q_size].view(seg.cols, seg.r)
 
     @staticmethod
     def _matrix(flat: torch.Tensor, seg: Segment) -> torch.Tensor:
@@ -213,19 +206,18 @@ class PowerSGD(Compressor):
 
     def _qs(self, segments: list[Segment], round: int) -> torch.Tensor:
         """(q_size,) this round's Q of every matrix: last round's where warm starting, else drawn from (seed, round)."""
-        last = segments[-1]
-        size = last.q + last.cols * last.r
+        size = segments[-1].q + segments[-1].q_size
         if not self.warm_start:
             return self._drawn(segments, round)
         q = self.warm_q
         if q is None or q.numel() != size:  # a new layout starts over from the seed
             return self._drawn(segments, 0)
         # An all-zero update leaves a matrix's Q = 0 and P = 0 for good: that matrix starts over from the seed.
-        zero = [seg for seg in segments if seg.r and not bool(q[seg.q : seg.q + seg.cols * seg.r].any())]
+        zero = [seg for seg in segments if seg.r and not bool(self._q(q, seg).any())]
         if zero:
             q, seeded = q.clone(), self._drawn(segments, 0)
             for seg in zero:
-                q[seg.q : seg.q + seg.cols * seg.r] = seeded[seg.q : seg.q + seg.cols * seg.r]
+                self._q(q, seg).copy_(self._q(seeded, seg))
         return q
 
     def _drawn(self, segments: list[Segment], round: int) -> torch.Tensor:
