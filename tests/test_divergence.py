@@ -22,6 +22,16 @@ STEPS = 30
 PERTURB_AT = 10
 
 
+def _peer_args(tmp_path: Path, i: int, *, peers: int, steps: int, extra: list[str]) -> list[str]:
+    """`p2pfed peer` for peer i of a swarm of `peers` on their own shards, with its report and parameters saved."""
+    return [
+        "peer", "--config", TINY, "--profile", CPU_PROFILE, "--max-steps", str(steps), "--events", "jsonl",
+        "--set", f"swarm.min_peers={peers}", "--set", f"data.num_partitions={peers}",
+        "--set", f"data.partition_index={i}", "--report", str(tmp_path / f"peer{i}.json"),
+        "--save-params", str(tmp_path / f"peer{i}.safetensors"), *extra,
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("prints", "expected"),
     [
@@ -55,12 +65,7 @@ def test_a_diverged_peer_recovers_and_a_garbage_sending_peer_is_ignored(launcher
     # Prepare: three peers; the second sends garbage updates every round, the third corrupts its own parameters
     # after step PERTURB_AT.
     def args(i: int, extra: list[str]) -> list[str]:
-        return [
-            "peer", "--config", TINY, "--profile", CPU_PROFILE, "--max-steps", str(STEPS), "--events", "jsonl",
-            "--set", "swarm.min_peers=3", "--set", "data.num_partitions=3", "--set", f"data.partition_index={i}",
-            "--report", str(tmp_path / f"peer{i}.json"), "--save-params", str(tmp_path / f"peer{i}.safetensors"),
-            *extra,
-        ]  # fmt: skip
+        return _peer_args(tmp_path, i, peers=3, steps=STEPS, extra=extra)
 
     first = launcher.start(*args(0, []), name="peer0")
     bootstrap = first.bootstrap()
@@ -99,12 +104,7 @@ def test_two_peers_that_disagree_wait_for_a_majority_then_break_the_tie(launcher
     steps = PERTURB_AT + 10
 
     def args(i: int, extra: list[str]) -> list[str]:
-        return [
-            "peer", "--config", TINY, "--profile", CPU_PROFILE, "--max-steps", str(steps), "--events", "jsonl",
-            "--set", "swarm.min_peers=2", "--set", "data.num_partitions=2", "--set", f"data.partition_index={i}",
-            "--report", str(tmp_path / f"peer{i}.json"), "--save-params", str(tmp_path / f"peer{i}.safetensors"),
-            *extra,
-        ]  # fmt: skip
+        return _peer_args(tmp_path, i, peers=2, steps=steps, extra=extra)
 
     first = launcher.start(*args(0, []), name="peer0")
     second = launcher.start(*args(1, ["--initial-peers", first.bootstrap(), "--perturb-at", str(PERTURB_AT)]))
