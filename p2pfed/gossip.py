@@ -5,8 +5,9 @@ Peers need not be at the same step or hold the same parameters: the averages pul
 round without a partner is simply a phase without averaging. Partners are found only among peers looking at the
 same moment, so a peer whose phases fall between the others' could miss every round while they pair among
 themselves. After each miss it looks for a partner for one more `matchmaking_time` (up to half the round timeout),
-which makes its window overlap theirs again, and it announces its misses: while some peer is hungry, the others'
-groups wait for one more member (Config.group_size), so the pair in step takes it in instead of pairing alone. The
+which makes its window overlap theirs again, and it announces its misses at once: while some peer is hungry, the
+others' groups wait for one more member (Config.group_size), so the pair in step takes it in instead of pairing
+alone. The first phase begins once swarm.min_peers peers are ready (Peer._train), so the first windows overlap. The
 distance between a peer's parameters and its group's average is recorded each round, so the shrinking spread can be
 seen in the report.
 """

@@ -373,20 +373,23 @@ class Peer:
         url = f"http://{host}:{port}/metrics"
         self.monitor.tell(Event("metrics", f"metrics: {url}", {"url": url, "port": port}))
 
-    async def _wait_for_swarm(self) -> bool:
+    async def _wait_for_swarm(self, *, ready: bool = False) -> bool:
+        """Wait until swarm.min_peers peers (this one included) have joined, or with `ready`, are ready to train;
+        False if a stop was requested meanwhile."""
         need, deadline = self.cfg.swarm.min_peers, time.monotonic() + self.cfg.swarm.join_timeout
+        verb = "be ready" if ready else "join"
         announced = False
         while True:
-            others = [p for p in await self._others() if not p.finished]
+            others = [p for p in await self._others() if not p.finished and (p.ready or not ready)]
             if len(others) + 1 >= need:
                 return True
             if not announced:
-                self.monitor.tell(Event("waiting", f"waiting for {need - 1 - len(others)} more peer(s) to join"))
+                self.monitor.tell(Event("waiting", f"waiting for {need - 1 - len(others)} more peer(s) to {verb}"))
                 announced = True
             if time.monotonic() > deadline:
                 raise UserError(
-                    f"only {len(others) + 1} of swarm.min_peers={need} peers joined within "
-                    f"{self.cfg.swarm.join_timeout:.0f}s"
+                    f"only {len(others) + 1} of swarm.min_peers={need} peers {'were ready' if ready else 'joined'} "
+                    f"within {self.cfg.swarm.join_timeout:.0f}s"
                 )
             if await self._until_stop(asyncio.sleep(0.5, result=True)) is None:
                 return False
@@ -429,11 +432,19 @@ class Peer:
             for _ in range(3):
                 if await self._catch_up(ahead):
                     break
+        # Gossip has no barrier: two peers that start first would pair among themselves (and may finish a short run)
+        # while a third still evaluates. A gossip peer says it is ready after its first evaluation and begins once
+        # swarm.min_peers peers are ready, so that their first windows overlap.
+        gossip = cfg.averaging.mode == "gossip"
+        initial_eval = await self.trainer.ask(Evaluate(), timeout=eval_timeout) if gossip else None
         start_step = self.trainer.step
         self.start_step = start_step
         self.ctx.step = start_step
         self.discovery.tell(Announce(self._record(loss=None)))  # ready: others now wait for this peer
-        initial_eval = await self.trainer.ask(Evaluate(), timeout=eval_timeout)
+        if not gossip:
+            initial_eval = await self.trainer.ask(Evaluate(), timeout=eval_timeout)
+        elif not await self._wait_for_swarm(ready=True):
+            return await self._finish(t_start, initial_eval, None, None, eval_timeout)
         eval_loss: float | None = initial_eval
         initial_loss = final_loss = None
         dumped = 0
@@ -441,7 +452,6 @@ class Peer:
         wait_s: float | None = None  # set after a round in which a member was catching up
         diloco = cfg.averaging.mode == "diloco"
         overlap = diloco and cfg.averaging.overlap
-        gossip = cfg.averaging.mode == "gossip"
 
         while not self.sup.stop_requested.is_set():
             step = self.trainer.step
@@ -517,6 +527,7 @@ class Peer:
             self._round_start = (rnd.started_at, rnd.lag) if gathered else None
             if gossip and not rnd.committed:  # no partner this time, or a group that fell apart: train on
                 self.stats["gossip_missed"] += 1
+                self._swarm_checked = (0.0, *self._swarm_checked[1:])  # re-read: the others may have finished
             elif rnd.committed and (overlap or gossip):  # already applied (overlap: rnd is the previous round)
                 self.stats["rounds_ok" if rnd.group_size > 1 else "rounds_solo"] += rnd.group_size > 0
                 initial_loss = grads.loss if initial_loss is None else initial_loss
@@ -597,7 +608,7 @@ class Peer:
                     bytes_by_cloud=dict(self.stats["bytes_by_cloud"]),
                 )
             )
-        if not self.sup.stop_requested.is_set():
+        if not self.sup.stop_requested.is_set() and not gossip:  # a gossip peer never downloads state: no one waits
             await self._linger()
         if overlap and not self.sup.stop_requested.is_set():
             last = await self.overlap.settle()

@@ -226,10 +226,10 @@ class Discovery(Actor):
                     logger.warning("announcement failed: %r", e)
 
     async def on_Announce(self, msg: Announce) -> None:
-        """Replace this peer's record; stored now if it is the first or its state changed, else with the next
-        periodic announcement."""
+        """Replace this peer's record; stored now if it is the first or its state changed (ready, finished, or a
+        gossip peer turning hungry or fed), else with the next periodic announcement."""
         old, self._record = self._record, msg.record
-        if msg.now or old is None or (old.ready, old.finished) != (msg.record.ready, msg.record.finished):
+        if msg.now or old is None or _state(old) != _state(msg.record):
             try:
                 await self._store(timeout=3.0 if msg.record.finished else None)
             except Exception as e:  # the periodic announcement retries; a finished peer's record expires anyway
@@ -238,3 +238,8 @@ class Discovery(Actor):
     async def on_GetPeers(self, msg: GetPeers) -> list[PeerRecord]:
         assert self.dht is not None
         return await asyncio.to_thread(read_peers, self.dht, self.run_id, timeout=self.request_timeout)
+
+
+def _state(record: PeerRecord) -> tuple[bool, bool, bool]:
+    """What other peers act on at once: ready, finished, hungry (a gossip peer's last round found no partner)."""
+    return record.ready, record.finished, record.gossip_misses > 0
