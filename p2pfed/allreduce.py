@@ -205,6 +205,7 @@ class SwarmAverager(DecentralizedAverager):
             "allreduce_s": stats.seconds if stats else 0.0,
             "dropped": len(stats.dropped) if stats else 0,
             "unreachable": sorted(stats.unreachable) if stats else [],
+            "not_joined": sorted(stats.not_joined) if stats else [],
             "held": stats.held if stats else False,
             "held_pieces": self._held_report,
             "bytes_sent": stats.bytes_sent if stats else 0,

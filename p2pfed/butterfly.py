@@ -344,6 +344,7 @@ class Butterfly:
                     stats.bytes_received += 4 + len(blob)
                     reason = blob.decode(errors="replace")
                     if status == _NOT_JOINED:  # this member itself is missing from the round
+                        stats.not_joined.add(remote)
                         raise PartFailed(f"member {remote[-6:]}: {reason}")
                     raise ReducerFailed(f"reducer {remote[-6:]} failed: {reason}")
                 if on_piece is not None:

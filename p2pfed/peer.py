@@ -120,6 +120,7 @@ class Peer:
             "rounds_failed": 0,
             "rounds_solo": 0,
             "rounds_reformed": 0,  # failed when members vanished mid-round, then committed by those left
+            "rounds_retried": 0,  # failed when a member never started it, then committed when run again
             "state_downloads": 0,
             "diverged": 0,  # rounds whose group found this peer's parameters out of line with its majority
             "compute_s": 0.0,
@@ -517,6 +518,7 @@ class Peer:
             if rnd is None:
                 break
             self.stats["rounds_reformed"] += int(rnd.committed and rnd.reformed)
+            self.stats["rounds_retried"] += int(rnd.committed and rnd.retried)
             self.stats["bytes_by_cloud"].update(rnd.bytes_by_cloud)
             self.stats["waiting_s"] += rnd.waited_s
             self._no_shows(rnd)
@@ -616,6 +618,7 @@ class Peer:
                 self.stats["rounds_ok" if last.group_size > 1 else "rounds_solo"] += int(last.committed)
                 self.stats["rounds_failed"] += int(not last.committed)
                 self.stats["rounds_reformed"] += int(last.committed and last.reformed)
+                self.stats["rounds_retried"] += int(last.committed and last.retried)
         return await self._finish(t_start, initial_eval, initial_loss, final_loss, eval_timeout)
 
     async def _linger(self) -> None:
@@ -710,6 +713,7 @@ class Peer:
             "rounds_failed": self.stats["rounds_failed"],
             "rounds_solo": self.stats["rounds_solo"],
             "rounds_reformed": self.stats["rounds_reformed"],
+            "rounds_retried": self.stats["rounds_retried"],
             "bytes_sent": self.averager.bytes_sent,
             "bytes_received": self.averager.bytes_received,
             "bytes_forwarded": self.averager.bytes_forwarded,  # relayed between other peers (profile relay)

@@ -42,6 +42,22 @@ def may_reform(cfg: Config, rnd: RoundResult, step: int) -> bool:
     )
 
 
+def may_retry(rnd: RoundResult, step: int) -> bool:
+    """Whether a failed round runs again at once with the same update: when every member it missed said it never
+    started that all-reduce (alive, but matchmaking put it in another group, e.g. a join request that timed out on its
+    side after the leader had counted it), nothing of the result was produced here, and everyone was at this step. The
+    missing member is then still looking for a group at this step, and the next one takes it in."""
+    return (
+        not rnd.committed
+        and bool(rnd.unreachable)
+        and set(rnd.unreachable) <= set(rnd.not_joined)
+        and rnd.reason.startswith("incomplete all-reduce")
+        and not rnd.held
+        and not rnd.diverged
+        and rnd.min_group_step == rnd.max_group_step == step
+    )
+
+
 async def run_round(
     cfg: Config,
     averager: Any,
@@ -49,10 +65,14 @@ async def run_round(
     *,
     before_reform: Callable[[RoundResult], Awaitable[None]] | None = None,
 ) -> RoundResult:
-    """One round of `request` on `averager`, re-formed once by the members left when members vanished mid-round
-    (may_reform); `before_reform` runs first (e.g. to leave the vanished out of the group size)."""
+    """One round of `request` on `averager`, run again once when a member never started it (may_retry), and
+    re-formed once by the members left when members vanished mid-round (may_reform); `before_reform` runs first (e.g.
+    to leave the vanished out of the group size)."""
     timeout = cfg.averaging.round_timeout + cfg.averaging.timeout + 10
     rnd: RoundResult = await averager.ask(request, timeout=timeout)
+    if may_retry(rnd, request.step):
+        logger.warning("round failed (%s); running it again with the same update", rnd.reason)
+        rnd = replace(await averager.ask(request, timeout=timeout), retried=True)
     if not may_reform(cfg, rnd, request.step):
         return rnd
     left = tuple(sorted(set(rnd.members) - set(rnd.unreachable)))

@@ -51,6 +51,7 @@ class ButterflyStats:
     seconds: float = 0.0  # wall time of the round's all-reduces (set by the averager)
     dropped: list[str] = field(default_factory=list)  # members' copies this peer's slices dropped, and why
     unreachable: set[str] = field(default_factory=set)  # members (base58 ids) whose part or reply never came whole
+    not_joined: set[str] = field(default_factory=set)  # of those, members that said they never started this all-reduce
     # this peer holds a piece of the result: its slice reduced one, or a reducer's reply came (secure aggregation
     # re-forms a failed round only where it can tell which pieces: p2pfed/phases.py)
     held: bool = False
@@ -73,6 +74,7 @@ class ButterflyStats:
         self.reason = self.reason or other.reason
         self.dropped += other.dropped
         self.unreachable |= other.unreachable
+        self.not_joined |= other.not_joined
         self.held = self.held or other.held
 
 

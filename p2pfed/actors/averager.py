@@ -238,6 +238,7 @@ class Averager(Actor):
                 result,
                 reason=f"incomplete all-reduce: {outcome['reason']}",
                 unreachable=tuple(outcome["unreachable"]),
+                not_joined=tuple(outcome["not_joined"]),
                 held=bool(outcome["held"]),
                 held_pieces=outcome["held_pieces"],
             )

@@ -207,12 +207,14 @@ class RoundResult:
     bytes_by_cloud: dict[str, int] = field(default_factory=dict)  # remote cloud label -> bytes this peer sent there
     dropped: int = 0  # members' copies this peer's slices dropped (not finite, over the norm bound)
     unreachable: tuple[str, ...] = ()  # members whose part or reply never came whole (dead, or stalled)
+    not_joined: tuple[str, ...] = ()  # of those, members that said they never started the all-reduce (alive)
     members: tuple[str, ...] = ()  # the group's peer ids (base58), when a group formed
     waited_s: float = 0.0  # from this peer's arrival at the round to the last member's
     rates: dict[str, float] = field(default_factory=dict)  # members' samples/s as gathered: the same on every member
     started_at: float = 0.0  # DHT time the last member arrived; with `lag`, the same on every member
     lag: float = 0.0  # the mean of the members' gathered lags
     reformed: bool = False  # run again by the members left after members vanished mid-round (phases.run_round)
+    retried: bool = False  # run again with the same update after a member never started it (phases.run_round)
     held: bool = False  # a failed round: this peer holds a piece of its result (a reduced or returned piece)
     # a failed masked round: its group id ("round", hex) and, per all-reduce ("phases": name ->), the pieces of its
     # result this peer holds ("pieces": [start, stop, whole] in that vector's coordinates) and their largest |value|
