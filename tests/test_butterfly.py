@@ -21,6 +21,7 @@ from p2pfed import pieces as pieces_module
 from p2pfed.butterfly import Butterfly, split_sizes
 from p2pfed.compression import Compressor, Fp16, Fp32, PowerSGD, RandomK, Uint8
 from p2pfed.config import CompressionConfig
+from p2pfed.pieces import ButterflyStats
 from p2pfed.reductions import Reduction, make_reduction
 from tests.conftest import butterfly_members
 
@@ -229,22 +230,26 @@ def test_a_member_that_never_shows_up_fails_the_round_for_everyone_and_writes_no
             vectors = _vectors(3, 10_000)
             before = [v.clone() for v in vectors]
             peers = [b.p2p.peer_id for b in butterflies]
-            outcomes = await asyncio.gather(
-                *(
-                    butterflies[i].allreduce(
-                        b"group-1",
-                        peers,
-                        i,
-                        vectors[i],
-                        weight=1.0,
-                        shares=[1, 1, 1],
-                        codec=Fp32(),
-                        round=7,
-                        timeout=6,
-                    )  # fmt: skip
-                    for i in (0, 1)
+
+            async def without_the_third(tag: bytes, round: int) -> list[tuple[torch.Tensor | None, ButterflyStats]]:
+                return await asyncio.gather(
+                    *(
+                        butterflies[i].allreduce(
+                            tag,
+                            peers,
+                            i,
+                            vectors[i],
+                            weight=1.0,
+                            shares=[1, 1, 1],
+                            codec=Fp32(),
+                            round=round,
+                            timeout=6,
+                        )  # fmt: skip
+                        for i in (0, 1)
+                    )
                 )
-            )
+
+            outcomes = await without_the_third(b"group-1", 7)
             assert [mean for mean, _ in outcomes] == [None, None]
             absent = peers[2].to_base58()
             # Each survivor names the missing member alone: the other survivor, which waits for that member's part
@@ -258,22 +263,7 @@ def test_a_member_that_never_shows_up_fails_the_round_for_everyone_and_writes_no
             # that all-reduce (phases.may_retry runs such a round again instead of losing the step)
             for b in butterflies:
                 b.chunk_timeout = 1.0
-            outcomes = await asyncio.gather(
-                *(
-                    butterflies[i].allreduce(
-                        b"group-3",
-                        peers,
-                        i,
-                        vectors[i],
-                        weight=1.0,
-                        shares=[1, 1, 1],
-                        codec=Fp32(),
-                        round=8,
-                        timeout=6,
-                    )  # fmt: skip
-                    for i in (0, 1)
-                )
-            )
+            outcomes = await without_the_third(b"group-3", 8)
             assert [mean for mean, _ in outcomes] == [None, None]
             for _, stats in outcomes:
                 assert stats.unreachable == stats.not_joined == {absent} and not stats.held, stats
