@@ -211,6 +211,10 @@ class Peer:
         # alone meanwhile would take this peer's parameters away from the swarm's. A dead one's record expires.
         self._swarm_checked = (time.monotonic(), 1 + len(others), ready)
 
+    def _reread_swarm(self) -> None:
+        """The next _swarm_size waits for a fresh read of the swarm instead of returning the last one."""
+        self._swarm_checked = (0.0, *self._swarm_checked[1:])
+
     def _vanished(self, peer: PeerRecord) -> bool:
         """A suspect (its part never came, or it did not join) that has not announced itself since."""
         return peer.peer_id in self._suspects and peer.announced_at <= self._suspects[peer.peer_id]
@@ -226,7 +230,7 @@ class Peer:
             self._suspects[peer] = self._ready_ids[peer]
             logger.info("ready peer %s did not join the round: not waited for until it announces itself", peer)
         if missing:
-            self._swarm_checked = (0.0, *self._swarm_checked[1:])  # re-read the swarm before the next round
+            self._reread_swarm()
 
     async def _leave_out_vanished(self, rnd: RoundResult) -> None:
         """Before a round is re-formed: its vanished members leave the group size, so it starts once those left
@@ -529,7 +533,7 @@ class Peer:
             self._round_start = (rnd.started_at, rnd.lag) if gathered else None
             if gossip and not rnd.committed:  # no partner this time, or a group that fell apart: train on
                 self.stats["gossip_missed"] += 1
-                self._swarm_checked = (0.0, *self._swarm_checked[1:])  # re-read: the others may have finished
+                self._reread_swarm()  # the others may have finished
             elif rnd.committed and (overlap or gossip):  # already applied (overlap: rnd is the previous round)
                 self.stats["rounds_ok" if rnd.group_size > 1 else "rounds_solo"] += rnd.group_size > 0
                 initial_loss = grads.loss if initial_loss is None else initial_loss

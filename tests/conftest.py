@@ -28,6 +28,13 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 CPU_PROFILE = str(ROOT / "peers" / "local-cpu.yaml")
 
 
+def slow_profile(directory: Path, slowdown: float) -> str:
+    """CPU_PROFILE emulating hardware `slowdown` times slower (profile.slowdown), written into `directory`."""
+    profile = directory / "slow.yaml"
+    profile.write_text(Path(CPU_PROFILE).read_text().replace("slowdown: 1.0", f"slowdown: {slowdown}"))
+    return str(profile)
+
+
 def netns_works() -> bool:
     """Whether this process may create network namespaces (root, with `ip netns` working)."""
     if os.geteuid() != 0:

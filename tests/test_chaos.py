@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from p2pfed.report import max_param_divergence
-from tests.conftest import CPU_PROFILE, TINY, Launcher, PeerProcess, group_members, wait_no_leftovers
+from tests.conftest import TINY, Launcher, PeerProcess, group_members, slow_profile, wait_no_leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +38,11 @@ def test_a_peer_killed_and_restarted_three_times_rejoins_and_the_swarm_never_sta
     # Prepare: four peers; the fourth keeps its identity across restarts, as a restarted machine would. They emulate
     # slower hardware, so that a restart (tens of seconds of imports on two cores shared with three training peers)
     # costs the swarm fewer steps, and the sleeping peers leave the restarting one the cores
-    profile = tmp_path / "slow.yaml"
-    profile.write_text(Path(CPU_PROFILE).read_text().replace("slowdown: 1.0", f"slowdown: {SLOWDOWN}"))
+    profile = slow_profile(tmp_path, SLOWDOWN)
 
     def args(i: int, extra: list[str], report: str) -> list[str]:
         return [
-            "peer", "--config", TINY, "--profile", str(profile), "--max-steps", str(STEPS), "--events", "jsonl",
+            "peer", "--config", TINY, "--profile", profile, "--max-steps", str(STEPS), "--events", "jsonl",
             "--set", "swarm.min_peers=4", "--set", "data.num_partitions=4", "--set", f"data.partition_index={i}",
             "--set", f"averaging.matchmaking_time={MATCHMAKING_S}", "--set", f"averaging.timeout={TIMEOUT_S}",
             "--report", str(tmp_path / f"{report}.json"), "--save-params", str(tmp_path / f"{report}.safetensors"),

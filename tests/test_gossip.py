@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from p2pfed.config import load_config
 from p2pfed.model import build_model
-from tests.conftest import CPU_PROFILE, TINY, Launcher, wait_no_leftovers
+from tests.conftest import TINY, Launcher, slow_profile, wait_no_leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +26,11 @@ SLOWDOWN = 4.0
 def test_gossip_pulls_different_inits_to_consensus(launcher: Launcher, tmp_path: Path) -> None:
     # Prepare: each peer has its own seed, so its own initial weights. They emulate slower hardware, so that a phase
     # (five steps) outlasts a round and the swarm view's refresh, as on real hardware, where a phase takes minutes.
-    profile = tmp_path / "slow.yaml"
-    profile.write_text(Path(CPU_PROFILE).read_text().replace("slowdown: 1.0", f"slowdown: {SLOWDOWN}"))
+    profile = slow_profile(tmp_path, SLOWDOWN)
 
     def args(i: int, extra: list[str]) -> list[str]:
         return [
-            "peer", "--config", TINY, "--profile", str(profile), "--max-steps", str(STEPS), "--events", "jsonl",
+            "peer", "--config", TINY, "--profile", profile, "--max-steps", str(STEPS), "--events", "jsonl",
             "--set", "averaging.mode=gossip", "--set", f"averaging.inner_steps={INNER}",
             "--set", "averaging.matchmaking_time=1.0", "--set", f"run.seed={i}",
             "--set", "swarm.min_peers=3", "--set", "data.num_partitions=3", "--set", f"data.partition_index={i}",
@@ -52,8 +51,8 @@ def test_gossip_pulls_different_inits_to_consensus(launcher: Launcher, tmp_path:
     # Execute
     codes = [p.wait(timeout=300) for p in (first, *others)]
 
-    # Assert: every peer averaged in at least half of its phases (one that starts seconds after the others averages
-    # 3-4 times in 12 phases, 10-12 when they wait for it), and its distance to its groups' averages shrank.
+    # Assert: every peer averaged in at least half of its phases (10-12 of 12 in runs here; without the slowdown, a
+    # peer that started seconds late averaged 3-4 times), and its distance to its groups' averages shrank.
     assert codes == [0, 0, 0], [p.stderr()[-2000:] for p in (first, *others)]
     reports = [json.loads((tmp_path / f"peer{i}.json").read_text()) for i in range(3)]
     rounds = [(len(r["gossip_disagreement"]), r["gossip_missed"], r["wall_s"]) for r in reports]  # committed, missed
