@@ -191,7 +191,7 @@ class PowerSGD(Compressor):
 
     @staticmethod
     def _p(p_all: torch.Tensor, seg: Segment) -> torch.Tensor:
-        return p_all[seg.p : seg.p + seg.rows * seg.r].view(seg.rows, seg.r)
+        return p_all[seg.p : seg.p + seg.p_size].view(seg.rows, seg.r)
 
     @staticmethod
     def _q(q_all: torch.Tensor, seg: Segment) -> torch.Tensor:
