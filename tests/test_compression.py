@@ -25,6 +25,8 @@ from p2pfed.compression import (
     Uint8,
     make_compressor,
 )
+from p2pfed.compression import topk as topk_module
+from p2pfed.compression.topk import largest_magnitudes
 
 SIZES = [1, 7, 1023, 1025, 100_003]
 EPS = torch.finfo(torch.float32).eps
@@ -218,6 +220,47 @@ def test_topk_keeps_exactly_the_k_largest_magnitudes(numel: int, value_dtype: st
 
     # Assert
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("shape", ["normal", "heavy-tailed", "mostly-zero", "ties"])
+@pytest.mark.parametrize("ratio", [0.001, 0.01, 0.1])
+def test_topk_selection_through_candidates_is_the_exact_k_largest(shape: str, ratio: float) -> None:
+    # Prepare: vectors large enough for the sampled threshold, of shapes a sample may misjudge
+    numel = 300_007
+    x = _randn(numel, seed=3)
+    if shape == "heavy-tailed":
+        x = x / _randn(numel, seed=4)  # Cauchy-like: a few huge magnitudes
+    elif shape == "mostly-zero":
+        x[torch.randperm(numel, generator=torch.Generator().manual_seed(5))[: numel - 2000]] = 0.0
+    elif shape == "ties":
+        x = x.sign() * (x.abs() * 4).floor()  # few distinct magnitudes
+    k = _kept(ratio, numel)
+
+    # Execute
+    chosen = largest_magnitudes(x, k)
+
+    # Assert: k ascending indices whose magnitudes are the k largest (any tie at the k-th may be broken either way)
+    assert chosen.numel() == k and bool((chosen.diff() > 0).all())
+    kth = x.abs().topk(k).values[-1]
+    assert bool((x.abs()[chosen] >= kth).all())
+    outside = torch.ones(numel, dtype=torch.bool)
+    outside[chosen] = False
+    assert bool((x.abs()[outside] <= kth).all())
+
+
+def test_topk_selection_falls_back_to_the_whole_vector_when_too_few_pass_the_threshold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: a threshold that nothing reaches
+    x = _randn(300_007, seed=6)
+    k = 3000
+    monkeypatch.setattr(topk_module, "candidate_threshold", lambda magnitudes, k: float("inf"))
+
+    # Execute
+    chosen = largest_magnitudes(x, k)
+
+    # Assert
+    assert torch.equal(chosen, x.abs().topk(k).indices.sort().values)
 
 
 # --- PowerSGD ---------------------------------------------------------------------------------------------------------
