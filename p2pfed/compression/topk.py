@@ -7,11 +7,11 @@ Error bound: the kept coordinates are exact (fp32 values) or within fp16 roundin
 closest to x: ||x - x̂||² = ||x||² - (sum of the k largest x_i²) <= (1 - k / numel) ||x||², which is the
 contraction error feedback needs. Ties at the k-th magnitude are broken by torch.topk, not by index.
 
-Selection (`largest_magnitudes`): torch.topk over a whole large vector is slow on the CPU (about 1 s for 25M
-elements here); the selection first keeps the candidates at or above a threshold read off a random sample of the
-magnitudes, set a few standard deviations below the k-th largest's estimate, in one pass, and runs topk over those.
-Whenever at least k candidates pass, the k largest are among them, so the result is the same k coordinates; when
-fewer pass (a sample far off the vector's distribution), it runs topk over everything.
+Selection (`largest_magnitudes`): torch.topk over a whole large vector is slow on the CPU (about 0.5 s for 25M
+elements on one core here); the selection first keeps the candidates at or above a threshold read off a random
+sample of the magnitudes, set a few standard deviations below the k-th largest's estimate, in one pass, and runs
+topk over those. Whenever at least k candidates pass, the k largest are among them, so the result is the same k
+coordinates; when fewer pass (a sample far off the vector's distribution), it runs topk over everything.
 
 Not `linear`: each peer picks its own coordinates, so payloads must be decompressed before they are averaged, and
 the mean of k-sparse vectors is up to (peers * k)-sparse. Indices are int32, so numel must be below 2**31.
