@@ -108,6 +108,7 @@ class Peer:
         self._suspects: dict[str, float] = {}  # peer id -> its announcement time when it failed to deliver
         self._formed = False  # swarm.min_peers peers have been ready at once: from then on the live count rules
         self._group_size = cfg.group_size(cfg.swarm.min_peers)  # what the averager was last told
+        self._late_s = 0.0  # DiLoCo: how late the next phase starts behind the swarm's (after a missed round)
         self._ready_ids: dict[str, float] = {}  # ready (or joining) peers of the last swarm read -> announce time
         self._joining_ids: set[str] = set()  # peers downloading the swarm's state to join: rounds wait for them
         self._rates: dict[str, float] = {}  # ready peers of the last swarm read -> their samples/s
@@ -413,6 +414,9 @@ class Peer:
             logger.warning("state download refused: %s", e)
             return False
         self.stats["state_downloads"] += 1
+        if self.cfg.averaging.mode == "diloco" and not self.cfg.averaging.overlap:
+            # the peer it came from is this far into its phase: the next phase here ends with its (see _train)
+            self._late_s = max(0.0, float(metadata.get("phase_age_s", 0.0)))
         self.monitor.tell(
             Event("state", f"downloaded swarm state at step {self.trainer.step}", {"step": self.trainer.step})
         )
@@ -467,6 +471,11 @@ class Peer:
             if diloco or gossip:  # H local steps (fewer at the end of the run), then one round
                 inner = min(cfg.averaging.inner_steps, (self.max_steps or step + cfg.averaging.inner_steps) - step)
                 local_steps = min(inner, self.batching.inner_steps(rates, self.peer_id)) if diloco else inner
+                cut = int(self._late_s * self.samples_per_s / t.batch_size)  # starting behind the others' phase
+                if cut > 0:  # end with theirs, or this phase ends as late as it starts and misses their round
+                    local_steps = max(1, local_steps - cut)
+                    logger.info("this phase starts %.1fs behind the swarm's: %d local steps", self._late_s, local_steps)
+                self._late_s = 0.0
                 work: Any = RunInnerSteps(steps=local_steps, first_step=step)  # the swarm's step advances by inner
                 lag = 0.0  # time shares are for sync steps only
             else:

@@ -7,6 +7,9 @@ it only to members that hold no piece of the failed result."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from p2pfed.actors.messages import RoundResult
 from p2pfed.config import load_config
 from p2pfed.phases import may_reform, may_retry
 from p2pfed.report import max_param_divergence
-from tests.conftest import TINY, Launcher, PeerProcess, group_members, wait_no_leftovers
+from tests.conftest import TINY, Launcher, PeerProcess, group_members, slow_profile, wait_no_leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -150,15 +153,8 @@ def test_a_member_that_vanishes_mid_round_costs_the_others_no_inner_steps(launch
     steps, inner = 30, 5
 
     def peer(i: int, *extra: str) -> PeerProcess:
-        return launcher.start(
-            "peer", "--config", TINY, "--max-steps", str(steps), "--events", "jsonl",
-            "--set", "averaging.mode=diloco", "--set", f"averaging.inner_steps={inner}",
-            "--set", "averaging.overlap=false",
-            "--set", "privacy.secure_aggregation=true", "--set", "compression.name=uint8",
-            "--set", "swarm.min_peers=3", "--set", "data.num_partitions=3", "--set", f"data.partition_index={i}",
-            "--report", str(tmp_path / f"peer{i}.json"), "--save-params", str(tmp_path / f"peer{i}.safetensors"),
-            *extra, name=f"peer{i}",
-        )  # fmt: skip
+        masked = ("--set", "privacy.secure_aggregation=true", "--set", "compression.name=uint8")
+        return _diloco_peer(launcher, tmp_path, i, steps, inner, *masked, *extra)
 
     first = peer(0)
     join = ("--initial-peers", first.bootstrap())
@@ -184,3 +180,62 @@ def test_a_member_that_vanishes_mid_round_costs_the_others_no_inner_steps(launch
     assert divergence is not None and divergence < 1e-4
     assert group_members({victim.pgid}) == []  # nothing of the victim is left
     assert wait_no_leftovers(launcher) == []
+
+
+def test_a_peer_that_misses_a_round_takes_the_new_outer_point_and_rejoins_the_next(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    # Prepare: three peers in DiLoCo phases of several seconds (slower emulated hardware); the third is frozen whole
+    # (SIGSTOP of its process group, as a stall on an overloaded machine) early in its second phase, for longer than
+    # the others wait for a member and less than a phase. It misses that round, which the two others average
+    # without it: at the same step, its outer point is now one round behind theirs.
+    steps, inner = 160, 40
+    profile = slow_profile(tmp_path, 20.0)
+
+    def peer(i: int, *extra: str) -> PeerProcess:
+        quick = ("--set", "averaging.matchmaking_time=2", "--set", "averaging.request_timeout=1")
+        return _diloco_peer(
+            launcher, tmp_path, i, steps, inner, "--profile", profile, *quick,
+            "--set", "training.eval_every=1000", *extra,
+        )  # fmt: skip
+
+    first = peer(0)
+    join = ("--initial-peers", first.bootstrap())
+    peers = [first, peer(1, *join), peer(2, *join)]
+    stalled = peers[2]
+    deadline = time.monotonic() + 180
+    while stalled.progress_step() < inner:  # its first round is done: the second phase has begun
+        assert time.monotonic() < deadline and stalled.proc.poll() is None, stalled.stderr()[-3000:]
+        time.sleep(0.05)
+
+    # Execute
+    os.killpg(stalled.pgid, signal.SIGSTOP)
+    time.sleep(3.5)
+    os.killpg(stalled.pgid, signal.SIGCONT)
+    codes = [p.wait(timeout=300) for p in peers]
+
+    # Assert: the stalled peer missed that one round, downloaded the others' new outer point at once, and with a
+    # shorter next phase was back in the rounds after it; all three end with the same parameters. (Before, it kept
+    # its old outer point and began each phase as late as the first, missing every round to the end of the run.)
+    assert codes == [0, 0, 0], [p.stderr()[-3000:] for p in peers]
+    reports = [json.loads((tmp_path / f"peer{i}.json").read_text()) for i in range(3)]
+    phases = steps // inner
+    late = reports[2]
+    counts = {k: late[k] for k in ("rounds_ok", "rounds_failed", "state_downloads")}
+    assert late["rounds_failed"] >= 1 and late["state_downloads"] >= 1, (counts, stalled.stderr()[-3000:])
+    assert late["rounds_ok"] >= phases - 2, (counts, stalled.stderr()[-3000:])
+    assert "behind the swarm's" in stalled.stderr(), stalled.stderr()
+    divergence = max_param_divergence([tmp_path / f"peer{i}.safetensors" for i in range(3)])
+    assert divergence is not None and divergence < 1e-4
+    assert wait_no_leftovers(launcher) == []
+
+
+def _diloco_peer(launcher: Launcher, tmp_path: Path, i: int, steps: int, inner: int, *extra: str) -> PeerProcess:
+    """Peer i of three in blocking DiLoCo rounds, with its own third of the data, its report and its parameters."""
+    return launcher.start(
+        "peer", "--config", TINY, "--max-steps", str(steps), "--events", "jsonl",
+        "--set", "averaging.mode=diloco", "--set", f"averaging.inner_steps={inner}", "--set", "averaging.overlap=false",
+        "--set", "swarm.min_peers=3", "--set", "data.num_partitions=3", "--set", f"data.partition_index={i}",
+        "--report", str(tmp_path / f"peer{i}.json"), "--save-params", str(tmp_path / f"peer{i}.safetensors"),
+        *extra, name=f"peer{i}",
+    )  # fmt: skip

@@ -75,6 +75,7 @@ class Trainer(Actor):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2pfed-torch")
         self._lock = threading.Lock()  # guards model and optimizer against state downloads from other threads
         self.step = 0
+        self._phase: tuple[int, float] | None = None  # DiLoCo: (first step, monotonic start) of the last phase
         self.samples_seen = 0
         self._cursor = 0
         self._epoch = 0
@@ -337,6 +338,7 @@ class Trainer(Actor):
         """`steps` local steps; flat_grad becomes origin - theta, the pseudo-gradient of this phase. Without
         overlap the phase starts at theta_start; with overlap it also carries the previous, not yet averaged one."""
         self._lead("inner_steps", [steps, first_step])
+        self._phase = (first_step, time.monotonic())
         clock = self._clock()
         t = self.cfg.training
         losses = []
@@ -499,7 +501,9 @@ class Trainer(Actor):
         with self._lock:
             adam_step = float(self.optimizer.state[self.params[0]]["step"])
             tensors = [t.to("cpu", copy=True) for t in self._state_tensors()]
-            return {"step": self.step, "adam_step": adam_step, "numel": self.numel}, tensors
+            # DiLoCo: how far into its phase of inner steps from this state this peer is (0.0 between phases)
+            age = time.monotonic() - self._phase[1] if self._phase is not None and self._phase[0] == self.step else 0.0
+            return {"step": self.step, "adam_step": adam_step, "numel": self.numel, "phase_age_s": age}, tensors
 
     async def on_LoadState(self, msg: LoadState) -> None:
         await self._run(self._load_state, msg.metadata, msg.tensors)
