@@ -407,6 +407,11 @@ class Peer:
             return False
         metadata, tensors = state
         if int(metadata.get("step", -1)) < self.trainer.step:
+            logger.warning(
+                "downloaded state is at step %s, behind this peer's %d: not loaded",
+                metadata.get("step"),
+                self.trainer.step,
+            )
             return False
         try:
             await self.trainer.ask(LoadState(metadata, list(tensors)), timeout=self.cfg.averaging.timeout)

@@ -273,10 +273,13 @@ class Averager(Actor):
         timeout = self.cfg.averaging.timeout
         future = self.avg.load_state_from_peers(wait=False, timeout=timeout)
         try:
-            return await asyncio.to_thread(future.result, timeout * 2)
+            state = await asyncio.to_thread(future.result, timeout * 2)
         except Exception as e:
             logger.warning("state download failed: %r", e)
             return None
+        if state is None:  # hivemind found no peer sharing a state, or every download from one failed
+            logger.warning("state download failed: no peer's state could be downloaded")
+        return state
 
 
 class Deadlines:
