@@ -31,11 +31,13 @@ a peer's own values, and its compression is fixed to hivemind's codecs (see docs
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import itertools
 import logging
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -60,6 +62,7 @@ _PULL = b"P2PB"  # a request for a broadcast's vector
 _REQUEST = struct.Struct("<Hd")  # sender index, weight
 _WAIT = struct.Struct("<d")  # seconds a puller waits for the root
 _MAX_PULL_WAIT = 600.0
+KEEP_IDLE_S = 300.0  # a sender reuses a direct TCP connection idle this long at most; the reducer keeps it twice that
 _U8, _U16, _U32, _U64 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 _MAX_PAYLOAD = 1 << 36  # a header claiming more than 64 GiB is not from a p2pfed peer
 _OK, _ERROR, _WAITING, _NOT_JOINED = 0, 1, 2, 3  # reply statuses
@@ -94,6 +97,11 @@ class Butterfly:
         self.p2p, self.name, self.seal_key = p2p, name, seal_key
         self._slices: dict[bytes, asyncio.Future[Slice]] = {}
         self._handlers: set[asyncio.Future[None]] = set()  # streams being served from the TCP listener
+        # direct TCP connections to reducers by (endpoint, seal key), idle since (monotonic): the next part to the same
+        # endpoint under the same key takes one
+        self._idle: dict[tuple[tuple[str, int], bytes | None], list[tuple[Channel, float]]] = collections.defaultdict(
+            list
+        )
         self._accepting: asyncio.Future[None] | None = None
         self.forwarder = Forwarder(p2p, name=name, on_bytes=on_forwarded)
         self.via: dict[PeerID, PeerID] = {}  # members that take streams only through a relay -> their relay
@@ -316,8 +324,11 @@ class Butterfly:
         the exchange (a reducer that sends one must not reach the model). `on_piece(index, whole)`: a reply's piece
         began to arrive (whole False), and then arrived whole and usable (True)."""
         remote = peer.to_base58()
+        endpoint = routes.get(peer) if routes else None
         try:
-            channel = await asyncio.wait_for(self._open(peer, routes), self.chunk_timeout)
+            channel = self._take_idle(endpoint)
+            if channel is None:
+                channel = await asyncio.wait_for(self._open(peer, routes), self.chunk_timeout)
         except Exception as e:
             raise PartFailed(f"could not open a stream to {remote[-6:]}: {e!r}") from None
         sizes = piece_sizes(out.numel())
@@ -366,12 +377,28 @@ class Butterfly:
 
         sending = asyncio.ensure_future(send())  # replies to early pieces arrive while later ones still go out
         sending.add_done_callback(_retrieve)
+        done = False
         try:
             await receive()
             await sending
+            done = True
         finally:
             await _stop(sending)
+            if done and endpoint is not None and channel.reusable:
+                self._idle[endpoint, self.seal_key].append((channel, time.monotonic()))
+            else:
+                channel.close()
+
+    def _take_idle(self, endpoint: tuple[str, int] | None) -> Channel | None:
+        """A kept connection to `endpoint`, sealed as this peer seals now, still open and not idle for long, or None."""
+        idle = self._idle.get((endpoint, self.seal_key)) if endpoint is not None else None
+        while idle:
+            channel, since = idle.pop()
+            if time.monotonic() - since < KEEP_IDLE_S and channel.alive():
+                channel.retime(self.chunk_timeout)
+                return channel
             channel.close()
+        return None
 
     async def _open(self, peer: PeerID, routes: Routes | None) -> Channel:
         endpoint = routes.get(peer) if routes else None
@@ -415,7 +442,11 @@ class Butterfly:
                 logger.warning("refused a direct TCP averaging connection from %s: %s", where, e)
                 channel.close()
                 return
-        await self._handle(channel)
+        try:  # one exchange after another, while the sender keeps the connection (see _take_idle)
+            while await self._handle(channel, keep=True) and await channel.wait_readable(2 * KEEP_IDLE_S):
+                channel.retime(self.chunk_timeout)
+        finally:
+            channel.close()
 
     async def _handle_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._handle(StreamChannel(reader, writer, timeout=self.chunk_timeout), remote=info.peer_id)
@@ -425,16 +456,18 @@ class Butterfly:
     ) -> None:
         await self._handle(StreamChannel(reader, writer, timeout=self.chunk_timeout), remote=source)
 
-    async def _handle(self, channel: Channel, *, remote: PeerID | None = None) -> None:
+    async def _handle(self, channel: Channel, *, remote: PeerID | None = None, keep: bool = False) -> bool:
         """Serve one sender: read its part, add it to this peer's slice, reply with the slice's mean. `remote`: the
-        peer libp2p authenticated for the stream (None on direct TCP), which must be a member of the group."""
+        peer libp2p authenticated for the stream (None on direct TCP), which must be a member of the group. `keep`:
+        leave the channel open after a complete exchange, and say so (True), for the sender's next one."""
+        done = False
         try:
             kind = await channel.read_exactly(4)
             if kind == SEALED:
                 logger.warning("refused a sealed averaging connection: this peer has no privacy.swarm_key")
-                return
+                return False
             if kind not in (_MAGIC, _PULL):
-                return  # not a p2pfed stream: drop it without a word
+                return False  # not a p2pfed stream: drop it without a word
             (tag_len,) = _U16.unpack(await channel.read_exactly(_U16.size))
             tag = await channel.read_exactly(tag_len)
             # The sender may be ahead of this peer by the matchmaking lag and a busy machine's delays: this peer waits
@@ -477,7 +510,9 @@ class Butterfly:
             mine.replied += 1
             if mine.replied == mine.replies:
                 mine.all_replied.set()
-            await channel.linger()  # p2pd may drop a reply's last bytes when the reducer's end closes first
+            done = True
+            if not keep:
+                await channel.linger()  # p2pd may drop a reply's last bytes when the reducer's end closes first
         except (TimeoutError, PartFailed, OSError, struct.error) as e:
             reason = str(e) or type(e).__name__
             if isinstance(e, Unsealed):  # bytes from a process without the swarm's key, or altered on the way
@@ -491,7 +526,9 @@ class Butterfly:
             except Exception:
                 pass  # the sender is gone; its own read fails and it records the round as failed
         finally:
-            channel.close()
+            if not (done and keep):
+                channel.close()
+        return done and keep
 
     async def _when_started(self, channel: Channel, piece: asyncio.Future[Slice], wait: float) -> Slice:
         """This peer's slice of the all-reduce once it has started it, within `wait` seconds (TimeoutError)."""

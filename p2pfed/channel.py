@@ -60,6 +60,23 @@ class Channel(ABC):
     async def linger(self) -> None:
         """Wait (at most `timeout`) until the other side closes or sends one more byte."""
 
+    # A direct TCP connection outlives its exchange: the sender keeps it for its next part to the same reducer, and
+    # the reducer waits on it for that part (p2pfed/butterfly.py). TCP's window and buffers stay open between rounds.
+    @property
+    def reusable(self) -> bool:
+        return False
+
+    async def wait_readable(self, seconds: float) -> bool:
+        """Wait up to `seconds` for bytes (or the end of the stream); False when none came."""
+        raise NotImplementedError(f"{type(self).__name__} is not kept between exchanges")
+
+    def alive(self) -> bool:
+        """Still open at the other end, with nothing unread: fit to carry a new exchange."""
+        return False
+
+    def retime(self, timeout: float) -> None:
+        self.timeout = timeout
+
     @abstractmethod
     def close(self) -> None: ...
 
@@ -169,6 +186,37 @@ class SocketChannel(Channel):
     def close(self) -> None:
         self.sock.close()
 
+    @property
+    def reusable(self) -> bool:
+        return True
+
+    async def wait_readable(self, seconds: float) -> bool:
+        ready: asyncio.Future[None] = self.loop.create_future()
+        fd = self.sock.fileno()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        self.loop.add_reader(fd, readable)
+        try:
+            async with asyncio.timeout(seconds):
+                await ready
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self.loop.remove_reader(fd)
+
+    def alive(self) -> bool:
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True  # open, and nothing waiting
+        except OSError:
+            return False
+        return False  # closed by the other end (b""), or bytes nobody asked for
+
 
 SEALED = b"P2PS"  # the first bytes of a sealed connection
 
@@ -277,6 +325,20 @@ class SealedChannel(Channel):
 
     def close(self) -> None:
         self.inner.close()
+
+    @property
+    def reusable(self) -> bool:
+        return self.inner.reusable
+
+    async def wait_readable(self, seconds: float) -> bool:
+        return self._plain_at < self._plain_end or await self.inner.wait_readable(seconds)
+
+    def alive(self) -> bool:
+        return self._plain_at == self._plain_end and self.inner.alive()
+
+    def retime(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.inner.retime(timeout)
 
 
 def _nonce(count: int) -> bytes:

@@ -145,6 +145,64 @@ def test_direct_tcp_routes_give_the_same_mean_without_the_p2p_daemon(monkeypatch
     _run(main())
 
 
+def test_direct_tcp_connections_carry_later_rounds_until_the_reducer_closes_them() -> None:
+    # Prepare: three members on direct TCP routes
+    async def main() -> list[tuple[bool, bool]]:
+        async with _members(3) as butterflies:
+            sockets, routes = await _serve_tcp(butterflies)
+            vectors, weights = _vectors(3, 30_001), [1.0, 2.0, 3.0]
+            peers = [b.p2p.peer_id for b in butterflies]
+
+            async def round_(tag: bytes) -> None:
+                calls = [
+                    b.allreduce(
+                        tag,
+                        peers,
+                        i,
+                        v,
+                        weight=w,
+                        shares=[1, 1, 1],
+                        codec=Fp32(),
+                        round=1,
+                        timeout=TIMEOUT,
+                        routes=routes,
+                    )  # fmt: skip
+                    for i, (b, v, w) in enumerate(zip(butterflies, vectors, weights, strict=True))
+                ]
+                for mean, stats in await asyncio.gather(*calls):
+                    assert mean is not None, stats.reason
+                    assert_close(mean, _weighted_mean(vectors, weights), atol=1e-6, rtol=0)
+
+            def kept(sender: int, reducer: int) -> list[object]:
+                return [c for c, _ in butterflies[sender]._idle[routes[peers[reducer]], None]]
+
+            # Execute: two rounds; then the first member's side of every connection to it closes (as when its
+            # process restarts), and a third round runs
+            await round_(b"round-1")
+            first = {(s, r): kept(s, r) for s in range(3) for r in range(3) if s != r}
+            await round_(b"round-2")
+            again = {(s, r): kept(s, r) for s in range(3) for r in range(3) if s != r}
+            for handler in list(butterflies[0]._handlers):
+                handler.cancel()
+            await asyncio.sleep(0.2)
+            await round_(b"round-3")
+            after = {(s, r): kept(s, r) for s in range(3) for r in range(3) if s != r}
+            for sock in sockets:
+                sock.close()
+            outcomes = []
+            for pair, channels in first.items():
+                assert len(channels) == 1  # one kept connection per sender and reducer
+                outcomes.append((again[pair] == channels, after[pair] == channels))
+            return outcomes
+
+    outcomes = _run(main())
+
+    # Assert: the second round used the connections of the first; the third opened new ones to the first member
+    # only, whose ends had closed
+    pairs = [(s, r) for s in range(3) for r in range(3) if s != r]
+    assert outcomes == [(True, r != 0) for s, r in pairs]  # type: ignore[comparison-overlap]
+
+
 def test_parts_travel_in_pieces_and_a_failed_piece_fails_the_round(monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: pieces of 1,000 elements, so each part of ~3,300 goes as 4 pieces, replies interleaved with sends
     monkeypatch.setattr(pieces_module, "PIECE", 1000)
