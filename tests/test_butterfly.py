@@ -69,6 +69,35 @@ async def _serve_tcp(butterflies: Sequence[Butterfly]) -> tuple[list[socket.sock
     return sockets, routes
 
 
+async def _tcp_round(
+    butterflies: Sequence[Butterfly],
+    routes: dict[Any, tuple[str, int]],
+    vectors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    tag: bytes,
+    *,
+    timeout: float = TIMEOUT,
+) -> list[tuple[torch.Tensor | None, Any]]:
+    """One fp32 round of every member over the direct TCP routes: each member's (mean, stats)."""
+    peers = [b.p2p.peer_id for b in butterflies]
+    calls = [
+        b.allreduce(
+            tag,
+            peers,
+            i,
+            v,
+            weight=w,
+            shares=[1] * len(peers),
+            codec=Fp32(),
+            round=1,
+            timeout=timeout,
+            routes=routes,
+        )  # fmt: skip
+        for i, (b, v, w) in enumerate(zip(butterflies, vectors, weights, strict=True))
+    ]
+    return list(await asyncio.gather(*calls))
+
+
 def _vectors(n: int, numel: int) -> list[torch.Tensor]:
     return [torch.randn(numel, generator=torch.Generator().manual_seed(i)) for i in range(n)]
 
@@ -154,22 +183,7 @@ def test_direct_tcp_connections_carry_later_rounds_until_the_reducer_closes_them
             peers = [b.p2p.peer_id for b in butterflies]
 
             async def round_(tag: bytes) -> None:
-                calls = [
-                    b.allreduce(
-                        tag,
-                        peers,
-                        i,
-                        v,
-                        weight=w,
-                        shares=[1, 1, 1],
-                        codec=Fp32(),
-                        round=1,
-                        timeout=TIMEOUT,
-                        routes=routes,
-                    )  # fmt: skip
-                    for i, (b, v, w) in enumerate(zip(butterflies, vectors, weights, strict=True))
-                ]
-                for mean, stats in await asyncio.gather(*calls):
+                for mean, stats in await _tcp_round(butterflies, routes, vectors, weights, tag):
                     assert mean is not None, stats.reason
                     assert_close(mean, _weighted_mean(vectors, weights), atol=1e-6, rtol=0)
 
@@ -469,22 +483,8 @@ def test_direct_tcp_sealed_with_the_swarm_key_averages_and_refuses_other_keys_an
             peers = [b.p2p.peer_id for b in butterflies]
 
             async def round_(tag: bytes, timeout: float) -> list[object]:
-                calls = [
-                    b.allreduce(
-                        tag,
-                        peers,
-                        i,
-                        v,
-                        weight=w,
-                        shares=[1, 1, 1],
-                        codec=Fp32(),
-                        round=1,
-                        timeout=timeout,
-                        routes=routes,
-                    )  # fmt: skip
-                    for i, (b, v, w) in enumerate(zip(butterflies, vectors, weights, strict=True))
-                ]
-                return [mean for mean, _ in await asyncio.gather(*calls)]
+                results = await _tcp_round(butterflies, routes, vectors, weights, tag, timeout=timeout)
+                return [mean for mean, _ in results]
 
             sealed = await round_(b"sealed", TIMEOUT)
             butterflies[2].seal_key = bytes(32)  # a member whose key is not the swarm's
