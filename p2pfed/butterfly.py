@@ -328,7 +328,7 @@ class Butterfly:
         try:
             channel = self._take_idle(endpoint)
             if channel is None:
-                channel = await asyncio.wait_for(self._open(peer, routes), self.chunk_timeout)
+                channel = await asyncio.wait_for(self._open(peer, endpoint), self.chunk_timeout)
         except Exception as e:
             raise PartFailed(f"could not open a stream to {remote[-6:]}: {e!r}") from None
         sizes = piece_sizes(out.numel())
@@ -400,8 +400,8 @@ class Butterfly:
             channel.close()
         return None
 
-    async def _open(self, peer: PeerID, routes: Routes | None) -> Channel:
-        endpoint = routes.get(peer) if routes else None
+    async def _open(self, peer: PeerID, endpoint: tuple[str, int] | None) -> Channel:
+        """A new channel to `peer`: a direct TCP connection to `endpoint`, or without one a libp2p stream."""
         if endpoint is not None:
             channel = await SocketChannel.connect(*endpoint, timeout=self.chunk_timeout)
             return channel if self.seal_key is None else await SealedChannel.dial(channel, self.seal_key)

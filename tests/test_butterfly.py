@@ -76,9 +76,10 @@ async def _tcp_round(
     weights: Sequence[float],
     tag: bytes,
     *,
+    codec: Compressor | None = None,
     timeout: float = TIMEOUT,
 ) -> list[tuple[torch.Tensor | None, Any]]:
-    """One fp32 round of every member over the direct TCP routes: each member's (mean, stats)."""
+    """One round of every member over the direct TCP routes (codec: fp32 unless given): each member's (mean, stats)."""
     peers = [b.p2p.peer_id for b in butterflies]
     calls = [
         b.allreduce(
@@ -88,7 +89,7 @@ async def _tcp_round(
             v,
             weight=w,
             shares=[1] * len(peers),
-            codec=Fp32(),
+            codec=codec or Fp32(),
             round=1,
             timeout=timeout,
             routes=routes,
@@ -144,24 +145,8 @@ def test_direct_tcp_routes_give_the_same_mean_without_the_p2p_daemon(monkeypatch
         async with _members(3) as butterflies:
             sockets, routes = await _serve_tcp(butterflies)
             vectors, weights = _vectors(3, 100_003), [1.0, 2.0, 3.0]
-            peers = [b.p2p.peer_id for b in butterflies]
             for codec, atol, width in ((Fp32(), 1e-6, 4), (Uint8(seed=3), 0.1, 1)):
-                calls = [
-                    b.allreduce(
-                        repr(codec).encode(),
-                        peers,
-                        i,
-                        v,
-                        weight=w,
-                        shares=[1, 1, 1],
-                        codec=codec,
-                        round=1,
-                        timeout=TIMEOUT,
-                        routes=routes,
-                    )  # fmt: skip
-                    for i, (b, v, w) in enumerate(zip(butterflies, vectors, weights, strict=True))
-                ]
-                results = await asyncio.gather(*calls)
+                results = await _tcp_round(butterflies, routes, vectors, weights, repr(codec).encode(), codec=codec)
                 for mean, stats in results:
                     assert mean is not None, stats.reason
                     assert_close(mean, _weighted_mean(vectors, weights), atol=atol, rtol=0)
