@@ -79,6 +79,7 @@ class SwarmAverager(DecentralizedAverager):
         peers_key: str | None = None,
         max_update_norm: float | None = None,
         rule: Rule | None = None,
+        ring: bool = False,
         relays: Sequence[str] = (),
         die_in_allreduce: int | None = None,
         **kwargs: Any,
@@ -96,6 +97,7 @@ class SwarmAverager(DecentralizedAverager):
         self._peers_key = peers_key  # the run's sealed peer announcements: who may download state
         self._max_update_norm = max_update_norm  # members' copies of an update over this are dropped (None: no bound)
         self._rule = rule  # a robust rule instead of the weighted mean of dense updates (p2pfed/robust.py)
+        self._ring = ring  # averaging.schedule ring: elementwise all-reduces go around a ring (p2pfed/ring.py)
         self._tcp_socket = tcp_socket  # listening; inherited by the averager process, which accepts on it
         self._butterfly: Butterfly | None = None  # made in the averager process, on its event loop
         # A failed masked round: its group id (hex) and, per all-reduce (phase), the pieces of its result this peer
@@ -255,6 +257,9 @@ class SwarmAverager(DecentralizedAverager):
 
         members = _members(group_info, gathered, shares, weight) if self._hierarchical else None
         routes = _routes(group_info, gathered)
+        # a ring needs every member to take a stream from the one before it: none in client mode or behind a relay
+        ring = self._ring and members is None and self._secure is None and all(s > 0 for s in shares)
+        ring = ring and not _relayed(peers, butterfly.via)
         # the same on every member: shared-seed compressors draw alike (in a re-formed round, as in the failed one)
         seed = round_seed(group_id if not isinstance(claims, tuple) else bytes.fromhex(claims[0]))
         phases: dict[str, _Pieces] = {}  # masked all-reduces: what this peer holds of each (a failed round keeps it)
@@ -272,7 +277,20 @@ class SwarmAverager(DecentralizedAverager):
             # Every copy must be finite; the norm bound holds for the update and any part of it (dense, its shared
             # coordinates, its top-k), not for PowerSGD's projections.
             guard = Guard(max_norm=self._max_update_norm if phase in _UPDATE_PHASES else None)
-            if members is not None:
+            if ring and codec.elementwise and self._rule is None:
+                mean, phase_stats = await butterfly.ring_allreduce(
+                    tag,
+                    peers,
+                    me,
+                    vector.reshape(-1),
+                    weight=weight,
+                    codec=codec,
+                    round=seed,
+                    timeout=timeout,
+                    routes=routes,
+                    guard=guard,
+                )
+            elif members is not None:
                 mean, phase_stats = await hierarchical_allreduce(
                     butterfly,
                     tag,

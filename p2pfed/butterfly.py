@@ -41,7 +41,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from hivemind.p2p import P2P, PeerID
 
@@ -49,7 +48,20 @@ from p2pfed.channel import SEALED, Channel, SealedChannel, SocketChannel, Stream
 from p2pfed.compression import Compressor, Payload
 from p2pfed.pieces import ButterflyStats, NotJoined, PartFailed, ReducerFailed, Slice, piece_round, piece_sizes
 from p2pfed.relay import Forwarder
+from p2pfed.ring import RingRound
 from p2pfed.robust import Guard, Rule, all_finite
+from p2pfed.wire import (
+    ERROR,
+    NOT_JOINED,
+    OK,
+    U8,
+    U16,
+    U32,
+    WAITING,
+    read_blob,
+    read_piece,
+    write_payload,
+)
 
 __all__ = ["Butterfly", "ButterflyStats", "Routes", "split_sizes"]
 
@@ -59,13 +71,11 @@ logger = logging.getLogger(__name__)
 
 _MAGIC = b"P2PF"  # a part for the reducer
 _PULL = b"P2PB"  # a request for a broadcast's vector
+_RING = b"P2PR"  # a ring all-reduce's stream from the member before (p2pfed/ring.py)
 _REQUEST = struct.Struct("<Hd")  # sender index, weight
 _WAIT = struct.Struct("<d")  # seconds a puller waits for the root
 _MAX_PULL_WAIT = 600.0
 KEEP_IDLE_S = 300.0  # a sender reuses a direct TCP connection idle this long at most; the reducer keeps it twice that
-_U8, _U16, _U32, _U64 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
-_MAX_PAYLOAD = 1 << 36  # a header claiming more than 64 GiB is not from a p2pfed peer
-_OK, _ERROR, _WAITING, _NOT_JOINED = 0, 1, 2, 3  # reply statuses
 _T = TypeVar("_T")
 
 
@@ -96,6 +106,7 @@ class Butterfly:
         """`seal_key`: direct TCP connections, both ways, are sealed under it (a run with a swarm key)."""
         self.p2p, self.name, self.seal_key = p2p, name, seal_key
         self._slices: dict[bytes, asyncio.Future[Slice]] = {}
+        self._rings: dict[bytes, asyncio.Future[RingRound]] = {}
         self._handlers: set[asyncio.Future[None]] = set()  # streams being served from the TCP listener
         # direct TCP connections to reducers by (endpoint, seal key), idle since (monotonic): the next part to the same
         # endpoint under the same key takes one
@@ -245,6 +256,59 @@ class Butterfly:
             return None, stats
         return out, stats
 
+    async def ring_allreduce(
+        self,
+        tag: bytes,
+        peers: Sequence[PeerID],
+        me: int,
+        vector: torch.Tensor,
+        *,
+        weight: float,
+        codec: Compressor,
+        round: int,
+        timeout: float,
+        routes: Routes | None = None,
+        guard: Guard | None = None,
+    ) -> tuple[torch.Tensor | None, ButterflyStats]:
+        """The group's weighted mean of `vector` (flat fp32) by a ring (p2pfed/ring.py), or None with the reason in
+        stats. Every member must take streams (no client-mode or relayed member); `codec` must be elementwise (fp32,
+        fp16, 8-bit). `guard` screens this member's own update, which joins with weight 0 when it fails."""
+        if not codec.elementwise:
+            raise ValueError(f"a ring all-reduce needs an elementwise codec, got {type(codec).__name__}")
+        stats = ButterflyStats()
+        if len(peers) == 1:
+            return vector.clone(), stats
+        ring = RingRound(
+            peers=peers, me=me, vector=vector, weight=weight, codec=codec, round=round, stats=stats,
+            chunk_timeout=self.chunk_timeout, guard=guard,
+        )  # fmt: skip
+        future = self._rings.setdefault(tag, asyncio.get_running_loop().create_future())
+        if not future.done():
+            future.set_result(ring)
+        nxt = peers[ring.next]
+        endpoint = routes.get(nxt) if routes else None
+
+        async def open_next() -> Channel:
+            kept = self._take_idle(endpoint)
+            return kept if kept is not None else await asyncio.wait_for(self._open(nxt, endpoint), self.chunk_timeout)
+
+        request = _RING + U16.pack(len(tag)) + tag + _REQUEST.pack(me, 0.0)
+        try:
+            channel = await asyncio.wait_for(ring.run(open_next, request), timeout)
+        except (PartFailed, TimeoutError) as e:
+            if isinstance(e, TimeoutError) and not ring.incoming.done():
+                stats.unreachable.add(peers[ring.prev].to_base58())
+            stats.reason = ring.error or str(e) or f"ring all-reduce did not finish within {timeout:.0f}s"
+            return None, stats
+        finally:
+            self._rings.pop(tag, None)
+        stats.held = True
+        if endpoint is not None and channel.reusable:
+            self._idle[endpoint, self.seal_key].append((channel, time.monotonic()))
+        else:
+            channel.close()
+        return ring.out, stats
+
     async def broadcast(
         self,
         tag: bytes,
@@ -335,33 +399,33 @@ class Butterfly:
 
         async def send() -> None:
             if part is None:
-                request = _PULL + _U16.pack(len(tag)) + tag + _REQUEST.pack(me, 0.0) + _WAIT.pack(wait)
+                request = _PULL + U16.pack(len(tag)) + tag + _REQUEST.pack(me, 0.0) + _WAIT.pack(wait)
                 await channel.send(request)
                 stats.add_sent(remote, len(request))
                 return
-            prefix = _MAGIC + _U16.pack(len(tag)) + tag + _REQUEST.pack(me, weight)
+            prefix = _MAGIC + U16.pack(len(tag)) + tag + _REQUEST.pack(me, weight)
             for index, piece in enumerate(part.split(sizes)):
                 payload = codec.compress(piece, round=piece_round(round, index))
-                stats.add_sent(remote, await _write(channel, prefix if index == 0 else b"", payload))
+                stats.add_sent(remote, await write_payload(channel, prefix if index == 0 else b"", payload))
 
         async def receive() -> None:
             for index, dest in enumerate(out.split(sizes)):
-                status = _WAITING
-                while status == _WAITING:  # the reducer is there, waiting for other members' copies
+                status = WAITING
+                while status == WAITING:  # the reducer is there, waiting for other members' copies
                     status = (await channel.read_exactly(1))[0]
                     stats.bytes_received += 1
-                if status != _OK:
-                    blob = await _read_blob(channel, limit=1 << 16)
+                if status != OK:
+                    blob = await read_blob(channel, limit=1 << 16)
                     stats.bytes_received += 4 + len(blob)
                     reason = blob.decode(errors="replace")
-                    if status == _NOT_JOINED:  # this member itself is missing from the round
+                    if status == NOT_JOINED:  # this member itself is missing from the round
                         stats.not_joined.add(remote)
                         raise PartFailed(f"member {remote[-6:]}: {reason}")
                     raise ReducerFailed(f"reducer {remote[-6:]} failed: {reason}")
                 if on_piece is not None:
                     on_piece(index, False)
                 try:
-                    _, n = await _read_piece(
+                    _, n = await read_piece(
                         channel, reply_codec or codec, dest.numel(), piece_round(round, index), into=dest
                     )
                 except ValueError as e:
@@ -466,14 +530,19 @@ class Butterfly:
             if kind == SEALED:
                 logger.warning("refused a sealed averaging connection: this peer has no privacy.swarm_key")
                 return False
-            if kind not in (_MAGIC, _PULL):
+            if kind not in (_MAGIC, _PULL, _RING):
                 return False  # not a p2pfed stream: drop it without a word
-            (tag_len,) = _U16.unpack(await channel.read_exactly(_U16.size))
+            (tag_len,) = U16.unpack(await channel.read_exactly(U16.size))
             tag = await channel.read_exactly(tag_len)
             # The sender may be ahead of this peer by the matchmaking lag and a busy machine's delays: this peer waits
             # up to twice a read's deadline for its own all-reduce to start, and says it is there meanwhile.
             wait = self.chunk_timeout * 2  # inside the round's deadline (chunk_timeout * 3), so the member is named
             sender, weight = _REQUEST.unpack(await channel.read_exactly(_REQUEST.size))
+            if kind == _RING:
+                done = await self._handle_ring(channel, tag, sender, wait, remote=remote)
+                if done and not keep:
+                    await channel.linger()  # as below: the sender waits for the last byte
+                return done and keep
             if kind == _PULL:  # a puller says how long it waits: the root may first have a slow all-reduce of its own
                 (wait,) = _WAIT.unpack(await channel.read_exactly(_WAIT.size))
                 wait = min(max(wait, 0.0), _MAX_PULL_WAIT)
@@ -488,19 +557,19 @@ class Butterfly:
                 raise PartFailed(f"peer {remote.to_base58()[-6:]} is not a member of this all-reduce")
             reading: asyncio.Future[None] | None = None
             if kind == _PULL:
-                mine.stats.bytes_received += 4 + _U16.size + tag_len + _REQUEST.size + _WAIT.size
+                mine.stats.bytes_received += 4 + U16.size + tag_len + _REQUEST.size + _WAIT.size
             else:
                 if mine.error:
                     raise PartFailed(mine.error)
                 if not (0 <= sender < mine.senders) or not weight >= 0.0:
                     raise PartFailed(f"bad request: sender {sender}, weight {weight}")
-                mine.stats.bytes_received += 4 + _U16.size + tag_len + _REQUEST.size
+                mine.stats.bytes_received += 4 + U16.size + tag_len + _REQUEST.size
                 reading = asyncio.ensure_future(self._read_parts(channel, mine, sender, weight))
                 reading.add_done_callback(_retrieve)
             try:
                 for index in range(len(mine.sizes)):  # each piece's mean goes back as soon as it is reduced
                     payload = await self._when_reduced(channel, mine, index)
-                    sent = await _write(channel, _U8.pack(_OK), payload)
+                    sent = await write_payload(channel, U8.pack(OK), payload)
                     mine.stats.add_sent(mine.peers[sender].to_base58() if sender < len(mine.peers) else "?", sent)
                 if reading is not None:
                     await reading
@@ -521,14 +590,30 @@ class Butterfly:
                 logger.debug("part not reduced: %s", reason)
             try:
                 blob = reason.encode()[: 1 << 16]
-                status = _NOT_JOINED if isinstance(e, NotJoined) else _ERROR
-                await channel.send(_U8.pack(status) + _U32.pack(len(blob)) + blob)
+                status = NOT_JOINED if isinstance(e, NotJoined) else ERROR
+                await channel.send(U8.pack(status) + U32.pack(len(blob)) + blob)
             except Exception:
                 pass  # the sender is gone; its own read fails and it records the round as failed
         finally:
             if not (done and keep):
                 channel.close()
         return done and keep
+
+    async def _handle_ring(
+        self, channel: Channel, tag: bytes, sender: int, wait: float, *, remote: PeerID | None
+    ) -> bool:
+        """Hand the stream from the member before this one to this peer's ring round once it has started; whether
+        the round ended well. Raises NotJoined when it never starts."""
+        future = self._rings.setdefault(tag, asyncio.get_running_loop().create_future())
+        try:
+            ring = await self._waiting(channel, lambda: asyncio.shield(future), wait)  # saying it is there
+        except TimeoutError:
+            if not future.done():
+                self._rings.pop(tag, None)
+            raise NotJoined("this peer never started that ring all-reduce") from None
+        if remote is not None and remote not in ring.peers:
+            raise PartFailed(f"peer {remote.to_base58()[-6:]} is not a member of this all-reduce")
+        return await ring.take(channel, sender)
 
     async def _when_started(self, channel: Channel, piece: asyncio.Future[Slice], wait: float) -> Slice:
         """This peer's slice of the all-reduce once it has started it, within `wait` seconds (TimeoutError)."""
@@ -538,7 +623,7 @@ class Butterfly:
         """Piece `index`'s mean once every member's copy is in, within chunk_timeout * 3 (TimeoutError)."""
         while self.hold_replies:
             await asyncio.sleep(self.chunk_timeout / 3)
-            await channel.send(_U8.pack(_WAITING))
+            await channel.send(U8.pack(WAITING))
         return await self._waiting(channel, lambda: mine.piece(index), self.chunk_timeout * 3)
 
     async def _waiting(self, channel: Channel, ready: Callable[[], Awaitable[_T]], seconds: float) -> _T:
@@ -552,7 +637,7 @@ class Butterfly:
             except TimeoutError:
                 if loop.time() >= deadline:
                     raise
-            await channel.send(_U8.pack(_WAITING))
+            await channel.send(U8.pack(WAITING))
 
     async def _read_parts(self, channel: Channel, mine: Slice, sender: int, weight: float) -> None:
         """Read one sender's part piece by piece into the slice; a piece that does not arrive whole fails the slice
@@ -560,7 +645,7 @@ class Butterfly:
         try:
             for index, size in enumerate(mine.sizes):
                 try:
-                    piece, n = await _read_piece(channel, mine.codec, size, piece_round(mine.round, index))
+                    piece, n = await read_piece(channel, mine.codec, size, piece_round(mine.round, index))
                 except ValueError as e:
                     raise PartFailed(f"bad part from member {sender}: {e}") from None
                 mine.stats.bytes_received += n
@@ -570,47 +655,6 @@ class Butterfly:
             if sender < len(mine.peers):
                 mine.stats.unreachable.add(mine.peers[sender].to_base58())
             raise PartFailed(mine.error) from None
-
-
-async def _write(channel: Channel, prefix: bytes, payload: Payload) -> int:
-    """Send one payload (after `prefix`); its size on the wire."""
-    header = _U8.pack(len(payload.header)) + struct.pack(f"<{len(payload.header)}i", *payload.header)
-    head = prefix + header + _U64.pack(len(payload.data))
-    await channel.send(head, payload.data)
-    return len(head) + len(payload.data)
-
-
-async def _read_blob(channel: Channel, *, limit: int) -> bytes:
-    (n,) = _U32.unpack(await channel.read_exactly(_U32.size))
-    if n > limit:
-        raise PartFailed(f"a message of {n} bytes is over the limit of {limit}")
-    return await channel.read_exactly(n)
-
-
-async def _read_piece(
-    channel: Channel, codec: Compressor, size: int, round: int, *, into: torch.Tensor | None = None
-) -> tuple[torch.Tensor, int]:
-    """One piece's (size,) fp32 values, decoded, and its size on the wire; in `into` when given. When the codec's wire
-    form is the fp32 values themselves, they are read straight into their final memory. ValueError: a bad payload."""
-    (count,) = _U8.unpack(await channel.read_exactly(1))
-    header = struct.unpack(f"<{count}i", await channel.read_exactly(4 * count))
-    (n,) = _U64.unpack(await channel.read_exactly(_U64.size))
-    wire = 1 + 4 * count + _U64.size + n
-    if n > _MAX_PAYLOAD:
-        raise PartFailed(f"a payload of {n} bytes is over the limit")
-    if codec.raw and header == (size,) and n == 4 * size:
-        values = torch.empty(size, dtype=codec.dtype) if into is None else into
-        await channel.read_into(_bytes_of(values))
-        return values, wire
-    data = np.empty(n, dtype=np.uint8)  # no zero fill: every byte is overwritten
-    await channel.read_into(data.data)
-    decoded = codec.decompress(Payload(data.data, tuple(header)), numel=size, round=round)
-    return (decoded, wire) if into is None else (into.copy_(decoded), wire)
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The writable bytes of a contiguous fp32 CPU tensor (a view of its memory)."""
-    return t.numpy().data.cast("B")
 
 
 async def _failing_slice(mine: Slice, peer: PeerID, exchange: Awaitable[None]) -> None:

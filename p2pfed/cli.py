@@ -572,10 +572,19 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True, help="timed rounds (median)")
 @click.option("--compression", type=click.Choice(list(COMPRESSION_NAMES)), default="none", show_default=True)
 @click.option("--transport", type=click.Choice(["libp2p", "tcp"]), default="libp2p", show_default=True)
+@click.option("--schedule", type=click.Choice(["butterfly", "ring"]), default="butterfly", show_default=True,
+              help="averaging.schedule")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @user_errors
 def bench_link(
-    n_peers: int, rate_mbit: float, numel: int, rounds: int, compression: str, transport: str, as_json: bool
+    n_peers: int,
+    rate_mbit: float,
+    numel: int,
+    rounds: int,
+    compression: str,
+    transport: str,
+    schedule: str,
+    as_json: bool,
 ) -> None:
     """Share of a tbf-limited link's rate that one averaging round gets (needs root; not part of the tests)."""
     import logging
@@ -585,7 +594,7 @@ def bench_link(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     result = run_link(
         n_peers=n_peers, rate_mbit=rate_mbit, numel=numel, rounds=rounds, compression=compression,
-        transport=transport,
+        transport=transport, schedule=schedule,
     )  # fmt: skip
     _print_result(result, as_json)
     sys.exit(1 if result["leftovers"] else 0)
@@ -685,10 +694,19 @@ def bench_hivemind_peer(
 @click.option("--transport", type=click.Choice(["libp2p", "tcp"]), default="libp2p", show_default=True,
               help="how the averagers exchange parts (averaging.transport)")  # fmt: skip
 @click.option("--sealed", is_flag=True, help="with --transport tcp: seal the connections with a swarm key")
+@click.option("--schedule", type=click.Choice(["butterfly", "ring"]), default="butterfly", show_default=True,
+              help="averaging.schedule")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="print JSON: p2pfed_s, gloo_s, ratio")
 @user_errors
 def bench_allreduce(
-    n_peers: int, numel: int, rounds: int, compression: str, transport: str, sealed: bool, as_json: bool
+    n_peers: int,
+    numel: int,
+    rounds: int,
+    compression: str,
+    transport: str,
+    sealed: bool,
+    schedule: str,
+    as_json: bool,
 ) -> None:
     """Time one averaging round of an fp32 tensor across local peers vs torch.distributed gloo all_reduce."""
     from p2pfed.bench.allreduce import run_bench
@@ -696,13 +714,14 @@ def bench_allreduce(
     if sealed and transport != "tcp":
         raise UserError("--sealed seals direct TCP connections (libp2p streams are sealed anyway): add --transport tcp")
     result = run_bench(
-        n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport, sealed=sealed
-    )
+        n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport, sealed=sealed,
+        schedule=schedule,
+    )  # fmt: skip
     if as_json:
         click.echo(json.dumps(result))
     else:
         rows = [
-            (f"p2pfed (butterfly over {transport}):", f"{result['p2pfed_s']:.3f} s"),
+            (f"p2pfed ({schedule} over {transport}):", f"{result['p2pfed_s']:.3f} s"),
             ("  of which the all-reduce itself:", f"{result['allreduce_s']:.3f} s"),
             ("torch.distributed gloo all_reduce:", f"{result['gloo_s']:.3f} s"),
             ("ratio p2pfed / gloo:", f"{result['ratio']:.2f}x"),

@@ -106,6 +106,7 @@ class Averager(Actor):
             peers_key=peers_key(self.cfg.run.id),
             max_update_norm=None if a.mode == "gossip" else a.max_update_norm,  # gossip averages parameters
             rule=make_rule(a.aggregation, trim_ratio=a.trim_ratio, clip_radius=a.clip_radius),
+            ring=a.schedule == "ring",
             chunk_timeout=a.timeout / 3,
             client_mode=self.client_mode,
             relays=[peer_id for peer_id, _ in self.relays],

@@ -72,14 +72,22 @@ class _RoundFailed(RuntimeError):
 
 
 def run_bench(
-    *, n_peers: int, numel: int, rounds: int, compression: str, transport: str = "libp2p", sealed: bool = False
+    *,
+    n_peers: int,
+    numel: int,
+    rounds: int,
+    compression: str,
+    transport: str = "libp2p",
+    sealed: bool = False,
+    schedule: str = "butterfly",
 ) -> dict[str, Any]:
     """Run both sides with `n_peers` local processes and return the medians, their ratio and the p2pfed error."""
     ctx = mp.get_context("spawn")  # fork would copy this process's threads and torch state into every peer
     budget = 2 * STARTUP_TIMEOUT + (rounds + 1) * (GROUP_TIMEOUT + ALLREDUCE_TIMEOUT)
     p2pfed = run_p2pfed_side(
-        n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport, sealed=sealed
-    )
+        n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport, sealed=sealed,
+        schedule=schedule,
+    )  # fmt: skip
 
     # With init_method="tcp://127.0.0.1:PORT", rank 0's TCPStore would listen on every interface; handing it a socket
     # bound to loopback keeps the rendezvous there, and holding the port from here on means nobody can take it.
@@ -115,6 +123,7 @@ def run_bench(
         "compression": compression,
         "transport": transport,
         "sealed": sealed,
+        "schedule": schedule,
     }
 
 
@@ -129,10 +138,12 @@ def run_p2pfed_side(
     netns: Sequence[str] | None = None,
     secure: bool = False,
     sealed: bool = False,
+    schedule: str = "butterfly",
 ) -> list[Result]:
     """p2pfed's side alone: one result per peer (times, all-reduce times, errors, bytes). Peer i listens on
     hosts[i] (default 127.0.0.1) and, when `netns` is given, runs inside network namespace netns[i]; `secure`
-    masks every round (privacy.secure_aggregation); `sealed` gives the peers a swarm key, which seals direct TCP."""
+    masks every round (privacy.secure_aggregation); `sealed` gives the peers a swarm key, which seals direct TCP;
+    `schedule` is averaging.schedule (butterfly or ring)."""
     from p2pfed.compression import COMPRESSORS
 
     if n_peers < 2 or numel < 1 or rounds < 1:
@@ -145,7 +156,7 @@ def run_p2pfed_side(
     maddr_queue: Queue[list[str]] = ctx.Queue()
     barrier = ctx.Barrier(n_peers)
     budget = 2 * STARTUP_TIMEOUT + (rounds + 1) * (GROUP_TIMEOUT + ALLREDUCE_TIMEOUT)
-    setup = Setup(n_peers, numel, rounds, compression, transport, prefix, secure, sealed)
+    setup = Setup(n_peers, numel, rounds, compression, transport, prefix, secure, sealed, schedule)
 
     def args_for(rank: int) -> tuple[Any, ...]:
         listen = f"/ip4/{hosts[rank]}/tcp/0" if hosts else LISTEN
@@ -169,6 +180,7 @@ class Setup:
     prefix: str
     secure: bool = False
     sealed: bool = False
+    schedule: str = "butterfly"
 
 
 def median_of_slowest(times_per_peer: Sequence[Sequence[float]]) -> float:
@@ -422,6 +434,7 @@ def _p2pfed_rounds(rank: int, setup: Setup, listen: str, maddr_queue: Queue[list
             secure=SecureAggregation(key, run=prefix.encode()) if key is not None else None,
             # a swarm key that every peer of this run derives alike
             admission=Admission(hashlib.sha256(prefix.encode()).digest()) if setup.sealed else None,
+            ring=setup.schedule == "ring",
             shutdown_timeout=5,
             start=False,
         )

@@ -32,7 +32,14 @@ logger = logging.getLogger(__name__)
 
 
 def run_link(
-    *, n_peers: int, rate_mbit: float, numel: int, rounds: int, compression: str, transport: str
+    *,
+    n_peers: int,
+    rate_mbit: float,
+    numel: int,
+    rounds: int,
+    compression: str,
+    transport: str,
+    schedule: str = "butterfly",
 ) -> dict[str, Any]:
     net = WanNet(n_peers, rate_mbit)
 
@@ -44,7 +51,7 @@ def run_link(
             probe = net.probe_mbit()
             peers = run_p2pfed_side(
                 n_peers=n_peers, numel=numel, rounds=rounds, compression=compression, transport=transport,
-                hosts=[net.address(i) for i in range(n_peers)], netns=net.names,
+                schedule=schedule, hosts=[net.address(i) for i in range(n_peers)], netns=net.names,
             )  # fmt: skip
             sent = statistics.mean(statistics.mean(p["bytes_sent"]) for p in peers)
             # The reference: raw TCP moving the same bytes per peer, all peers to all at once, over the same links
@@ -75,6 +82,7 @@ def run_link(
         "rounds": rounds,
         "compression": compression,
         "transport": transport,
+        "schedule": schedule,
         "wall_s": round(time.monotonic() - t0, 1),
         "leftovers": left,
     }

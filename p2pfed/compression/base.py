@@ -53,6 +53,9 @@ class Compressor(ABC):
     # True when a payload's data is the vector's fp32 values themselves, header (numel,): a receiver may read the
     # bytes straight into the tensor they belong to.
     raw: bool = False
+    # True when a payload carries every element of the vector on its own (fp32, fp16, 8-bit levels), so a running
+    # mean can travel through it hop by hop (p2pfed/ring.py).
+    elementwise: bool = False
     # What compress takes and decompress returns: fp32 vectors, except for ring elements (compression/ring.py).
     dtype: ClassVar[torch.dtype] = torch.float32
 

@@ -26,6 +26,8 @@ __all__ = ["Fp16"]
 class Fp16(Compressor):
     """fp32 -> fp16 with round to nearest even; no options."""
 
+    elementwise = True
+
     def compress(self, x: torch.Tensor, *, round: int) -> Payload:
         check_round(round)
         return Payload(pack(flat32(x).to(torch.float16)))  # (numel,) fp16

@@ -22,6 +22,7 @@ class Fp32(LinearCompressor):
     """No compression: the k = numel coordinates are the fp32 values themselves."""
 
     raw = True
+    elementwise = True
 
     def size(self, numel: int) -> int:
         return numel

@@ -50,6 +50,8 @@ _BLOCK = 1 << 18  # elements per block of rows: fp32 and int32 temporaries of 1 
 class Uint8(Compressor):
     """Options: chunk (elements per (min, scale) pair), rounding ("stochastic" or "nearest"), seed."""
 
+    elementwise = True
+
     chunk: int = 1024
     rounding: str = "stochastic"
     seed: int = 0

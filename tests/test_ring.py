@@ -1,0 +1,222 @@
+"""The ring all-reduce (averaging.schedule: ring) over real libp2p daemons and direct TCP on loopback, checked against
+plain-torch weighted means: every elementwise codec within its bound, identical results on every member, a member's
+own bad update left out, a member that never shows up, and kept connections shared with the butterfly.
+
+.venv/bin/python -m pytest -q tests/test_ring.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from p2pfed import pieces as pieces_module
+from p2pfed.butterfly import Butterfly
+from p2pfed.compression import Compressor, Fp16, Fp32, Uint8
+from p2pfed.config import ConfigError, load_config
+from p2pfed.pieces import ButterflyStats
+from p2pfed.robust import Guard
+from tests.conftest import TINY, butterfly_members
+
+Outcome = tuple[torch.Tensor | None, ButterflyStats]
+
+
+async def _serve_tcp(butterflies: Sequence[Butterfly]) -> dict[Any, tuple[str, int]]:
+    routes = {}
+    for b in butterflies:
+        sock = socket.create_server(("127.0.0.1", 0))
+        await b.serve_tcp(sock)
+        routes[b.p2p.peer_id] = ("127.0.0.1", sock.getsockname()[1])
+    return routes
+
+
+async def _ring(
+    butterflies: Sequence[Butterfly],
+    vectors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    tag: bytes,
+    *,
+    codec: Compressor | None = None,
+    routes: dict[Any, tuple[str, int]] | None = None,
+    members: Sequence[int] | None = None,
+    timeout: float = 30.0,
+    guard: Guard | None = None,
+) -> list[Outcome]:
+    """One ring round of `members` (default: all) of the group of all `butterflies`: each one's (mean, stats)."""
+    peers = [b.p2p.peer_id for b in butterflies]
+    calls = [
+        butterflies[i].ring_allreduce(
+            tag,
+            peers,
+            i,
+            vectors[i],
+            weight=weights[i],
+            codec=codec or Fp32(),
+            round=3,
+            timeout=timeout,
+            routes=routes,
+            guard=guard,
+        )  # fmt: skip
+        for i in (range(len(butterflies)) if members is None else members)
+    ]
+    return list(await asyncio.gather(*calls))
+
+
+def _vectors(n: int, numel: int) -> list[torch.Tensor]:
+    return [torch.randn(numel, generator=torch.Generator().manual_seed(10 + i)) for i in range(n)]
+
+
+def _weighted_mean(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    total = sum(w * v.double() for v, w in zip(vectors, weights, strict=True))
+    return (total / sum(weights)).float()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("codec", "transport"),
+    [(Fp32(), "libp2p"), (Fp32(), "tcp"), (Fp16(), "tcp"), (Uint8(), "tcp")],
+    ids=["fp32-libp2p", "fp32-tcp", "fp16-tcp", "uint8-tcp"],
+)
+def test_ring_allreduce_of_four_members_is_the_weighted_mean_on_every_member(
+    codec: Compressor, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: four members (two hops of running means), chunks of several pieces each, uneven weights
+    monkeypatch.setattr(pieces_module, "PIECE", 7_000)
+    vectors, weights = _vectors(4, 50_003), [1.0, 2.0, 3.0, 0.5]
+    exact = _weighted_mean(vectors, weights)
+    spread = max(float(v.max() - v.min()) for v in vectors)
+    # fp16: one rounding per hop, relative; 8-bit: under one level of a chunk's range per hop and for the mean
+    atol = {Fp32: 1e-6, Fp16: 4 * 2e-3, Uint8: 4 * spread / 255}[type(codec)]
+
+    async def main() -> list[Outcome]:
+        async with butterfly_members(4, chunk_timeout=5.0) as butterflies:
+            routes = await _serve_tcp(butterflies) if transport == "tcp" else None
+            return await _ring(butterflies, vectors, weights, b"ring-1", codec=codec, routes=routes)
+
+    # Execute
+    outcomes = asyncio.run(main())
+
+    # Assert: the plain-torch weighted mean within the codec's bound, the same values on every member
+    for mean, stats in outcomes:
+        assert mean is not None, stats.reason
+        assert_close(mean, exact, atol=atol, rtol=0)
+        assert torch.equal(mean, outcomes[0][0])  # type: ignore[arg-type]
+        # 2 (n - 1) / n of the vector goes out, as in the butterfly
+        assert stats.bytes_sent >= 2 * 3 / 4 * codec.compress(vectors[0], round=0).nbytes * 0.99
+        assert not stats.unreachable and not stats.dropped
+    if not isinstance(codec, Fp32):  # a lossy codec does lose something: the bound is not vacuous
+        assert float((outcomes[0][0] - exact).abs().max()) > 1e-6  # type: ignore[operator]
+
+
+def test_a_member_whose_own_update_fails_its_check_joins_with_nothing_and_the_others_average() -> None:
+    # Prepare: the second member's update has a NaN, the third's is over the norm bound
+    vectors, weights = _vectors(4, 20_000), [1.0, 1.0, 1.0, 2.0]
+    vectors[1][123] = float("nan")
+    vectors[2] *= 1e3
+    guard = Guard(max_norm=1e3)
+
+    async def main() -> list[Outcome]:
+        async with butterfly_members(4, chunk_timeout=5.0) as butterflies:
+            return await _ring(butterflies, vectors, weights, b"ring-guard", guard=guard)
+
+    # Execute
+    outcomes = asyncio.run(main())
+
+    # Assert: every member gets the weighted mean of the two good updates; the two others say why they are out
+    exact = _weighted_mean([vectors[0], vectors[3]], [1.0, 2.0])
+    for i, (mean, stats) in enumerate(outcomes):
+        assert mean is not None, stats.reason
+        assert_close(mean, exact, atol=1e-6, rtol=0)
+        assert bool(stats.dropped) == (i in (1, 2)), stats.dropped
+    assert "not finite" in outcomes[1][1].dropped[0] and "max_update_norm" in outcomes[2][1].dropped[0]
+
+
+def test_a_member_that_never_shows_up_fails_the_ring_for_everyone_and_names_it() -> None:
+    # Prepare: three members, the third never starts the round
+    vectors = _vectors(3, 10_000)
+    before = [v.clone() for v in vectors]
+
+    async def main() -> tuple[list[Outcome], list[Outcome], str]:
+        async with butterfly_members(3, chunk_timeout=1.0) as butterflies:
+            routes = await _serve_tcp(butterflies)
+            missing = await _ring(butterflies, vectors, [1.0] * 3, b"ring-2", routes=routes, members=(0, 1), timeout=8)
+            again = await _ring(butterflies, vectors, [1.0] * 3, b"ring-3", routes=routes)
+            return missing, again, butterflies[2].p2p.peer_id.to_base58()
+
+    # Execute
+    missing, again, absent = asyncio.run(main())
+
+    # Assert: both survivors fail, within the deadline, and name the missing member alone as one that never started
+    # the round (so both may run it again, p2pfed/phases.py): the one that sends to it hears so, and tells the other,
+    # whose stream from it never came. The vectors are untouched, and the next round of all three averages.
+    for mean, stats in missing:
+        assert mean is None and stats.reason
+        assert stats.unreachable == stats.not_joined == {absent}, stats
+    for v, b in zip(vectors, before, strict=True):
+        assert torch.equal(v, b)
+    for mean, stats in again:
+        assert mean is not None, stats.reason
+        assert_close(mean, _weighted_mean(vectors, [1.0] * 3), atol=1e-6, rtol=0)
+
+
+def test_ring_and_butterfly_rounds_share_kept_direct_tcp_connections() -> None:
+    # Prepare: three members on direct TCP
+    vectors, weights = _vectors(3, 30_001), [1.0, 2.0, 3.0]
+    exact = _weighted_mean(vectors, weights)
+
+    async def main() -> list[list[Outcome]]:
+        async with butterfly_members(3, chunk_timeout=5.0) as butterflies:
+            routes = await _serve_tcp(butterflies)
+            peers = [b.p2p.peer_id for b in butterflies]
+            rounds = [await _ring(butterflies, vectors, weights, b"ring-a", routes=routes)]
+            # each member's one connection, to the next member, is kept
+            kept = [butterflies[i]._idle[routes[peers[(i + 1) % 3]], None][0][0] for i in range(3)]
+            rounds.append(
+                await asyncio.gather(
+                    *(
+                        b.allreduce(
+                            b"fly-b",
+                            peers,
+                            i,
+                            vectors[i],
+                            weight=weights[i],
+                            shares=[1, 1, 1],
+                            codec=Fp32(),
+                            round=1,
+                            timeout=30,
+                            routes=routes,
+                        )  # fmt: skip
+                        for i, b in enumerate(butterflies)
+                    )
+                )
+            )
+            rounds.append(await _ring(butterflies, vectors, weights, b"ring-c", routes=routes))
+            # the butterfly took each kept ring connection for one of its exchanges, and the ring took it back
+            for i in range(3):
+                assert any(c is kept[i] for c, _ in butterflies[i]._idle[routes[peers[(i + 1) % 3]], None])
+            return rounds
+
+    # Execute
+    rounds = asyncio.run(main())
+
+    # Assert: every round, ring or butterfly, on connections the other one used, gives the weighted mean
+    for outcomes in rounds:
+        for mean, stats in outcomes:
+            assert mean is not None, stats.reason
+            assert_close(mean, exact, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "conflict",
+    ["averaging.aggregation=trimmed_mean", "privacy.secure_aggregation=true", "averaging.mode=hierarchical"],
+)
+def test_a_ring_schedule_refuses_what_needs_each_members_own_update(conflict: str) -> None:
+    for ok in ("averaging.mode=diloco", "averaging.mode=gossip", "compression.name=uint8", "compression.name=topk"):
+        assert load_config(TINY, ["averaging.schedule=ring", ok]).averaging.schedule == "ring"
+    with pytest.raises(ConfigError, match="averaging.schedule 'ring' needs averaging.aggregation mean"):
+        load_config(TINY, ["averaging.schedule=ring", conflict])
