@@ -98,6 +98,7 @@ class SwarmAverager(DecentralizedAverager):
         self._max_update_norm = max_update_norm  # members' copies of an update over this are dropped (None: no bound)
         self._rule = rule  # a robust rule instead of the weighted mean of dense updates (p2pfed/robust.py)
         self._ring = ring  # averaging.schedule ring: elementwise all-reduces go around a ring (p2pfed/ring.py)
+        self._schedule_said = ""  # the schedule the log last named, so it says so once per change
         self._tcp_socket = tcp_socket  # listening; inherited by the averager process, which accepts on it
         self._butterfly: Butterfly | None = None  # made in the averager process, on its event loop
         # A failed masked round: its group id (hex) and, per all-reduce (phase), the pieces of its result this peer
@@ -258,8 +259,18 @@ class SwarmAverager(DecentralizedAverager):
         members = _members(group_info, gathered, shares, weight) if self._hierarchical else None
         routes = _routes(group_info, gathered)
         # a ring needs every member to take a stream from the one before it: none in client mode or behind a relay
-        ring = self._ring and members is None and self._secure is None and all(s > 0 for s in shares)
-        ring = ring and not _relayed(peers, butterfly.via)
+        ring = self._ring and members is None and self._secure is None
+        if ring and (not all(s > 0 for s in shares) or _relayed(peers, butterfly.via)):
+            ring = False
+            if self._schedule_said != "butterfly":
+                logger.warning(
+                    "averaging.schedule ring: a member of this group cannot take streams (client mode or behind a "
+                    "relay), so its rounds go by butterfly"
+                )
+                self._schedule_said = "butterfly"
+        elif ring and self._schedule_said != "ring":
+            logger.info("all-reduces go around a ring (averaging.schedule ring)")
+            self._schedule_said = "ring"
         # the same on every member: shared-seed compressors draw alike (in a re-formed round, as in the failed one)
         seed = round_seed(group_id if not isinstance(claims, tuple) else bytes.fromhex(claims[0]))
         phases: dict[str, _Pieces] = {}  # masked all-reduces: what this peer holds of each (a failed round keeps it)

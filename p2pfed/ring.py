@@ -173,8 +173,8 @@ class RingRound:
                         got.copy_(own)
                     elif weight <= 0:  # nor here: the running mean stays empty
                         got.zero_()
-                    elif self.weight > 0:  # the running mean with this member's copy folded in
-                        got.mul_(weight / total).add_(own, alpha=self.weight / total)
+                    elif self.weight > 0:  # the running mean with this member's copy folded in, in one pass
+                        got.lerp_(own, self.weight / total)
                     if step < self.n - 2:
                         self._put(got, total)
                         continue

@@ -1,8 +1,9 @@
 """Integration: real peer processes on loopback train one model together.
 
-Three peers (the second and third join by the first one's printed bootstrap address) with different batch sizes:
-the loss falls, every round's averaged gradient equals the plain-torch sample-weighted mean of the peers' local
-gradients, the parameters agree at the end, and no process is left behind.
+Three peers (the second and third join by the first one's printed bootstrap address) with different batch sizes,
+by butterfly over libp2p and by ring over direct TCP: the loss falls, every round's averaged gradient equals the
+plain-torch sample-weighted mean of the peers' local gradients, the parameters agree at the end, and no process is
+left behind.
 """
 
 from __future__ import annotations
@@ -32,14 +33,19 @@ def _peer_args(tmp: Path, i: int, batch: int, extra: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def test_three_peers_average_and_agree(launcher: Launcher, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "schedule",
+    [[], ["--set", "averaging.schedule=ring", "--set", "averaging.transport=tcp"]],
+    ids=["butterfly-libp2p", "ring-tcp"],
+)
+def test_three_peers_average_and_agree(launcher: Launcher, tmp_path: Path, schedule: list[str]) -> None:
     # Prepare: the first peer starts the swarm; the others join through its bootstrap line.
     batches = [8, 4, 12]
-    first = launcher.start(*_peer_args(tmp_path, 0, batches[0], []), name="peer0")
+    first = launcher.start(*_peer_args(tmp_path, 0, batches[0], schedule), name="peer0")
     bootstrap = first.bootstrap()
     assert bootstrap.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/" in bootstrap
     others = [
-        launcher.start(*_peer_args(tmp_path, i, batches[i], ["--initial-peers", bootstrap]), name=f"peer{i}")
+        launcher.start(*_peer_args(tmp_path, i, batches[i], [*schedule, "--initial-peers", bootstrap]), name=f"peer{i}")
         for i in (1, 2)
     ]
 
@@ -48,6 +54,8 @@ def test_three_peers_average_and_agree(launcher: Launcher, tmp_path: Path) -> No
 
     # Assert: clean exits, complete reports, the loss fell.
     assert codes == [0, 0, 0], [p.stderr()[-2000:] for p in [first, *others]]
+    if schedule:  # the rounds went around the ring, not by butterfly
+        assert all("all-reduces go around a ring" in p.stderr() for p in [first, *others])
     reports = [json.loads((tmp_path / f"peer{i}.json").read_text()) for i in range(3)]
     for r, batch in zip(reports, batches, strict=True):
         assert set(PEER_KEYS) <= set(r)
