@@ -26,7 +26,9 @@ the round done or uses the connection again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -40,6 +42,8 @@ from p2pfed.robust import Guard, all_finite
 from p2pfed.wire import ERROR, NOT_JOINED, OK, U8, U32, WAITING, read_blob, read_payload, read_piece, write_payload
 
 __all__ = ["RingRound"]
+
+logger = logging.getLogger(__name__)
 
 _WEIGHT = struct.Struct("<d")
 _Frame = tuple[bytes, Payload | None]  # what the sender writes next: a prefix, then a payload (None: prefix only)
@@ -82,12 +86,14 @@ class RingRound:
         self.out = torch.empty(vector.numel(), dtype=torch.float32)
         self.outs = list(self.out.split(self.sizes))
         self.incoming: asyncio.Future[Channel] = asyncio.get_running_loop().create_future()
+        self.outgoing: Channel | None = None  # to the next member, once open
         self.finished: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.error = ""
         self._frames: asyncio.Queue[_Frame] = asyncio.Queue()
         self._frame_in = 0  # frames read so far: with the sender's index, seeds a lossy codec's rounding per frame
         self._frame_out = 0
         self._writing = False  # the sender is inside a frame
+        self._stopping = False  # the round failed: the sender ends after the frame it is writing
 
     async def take(self, channel: Channel, sender: int) -> bool:
         """Serve the connection from the member before this one until the round is over, and answer on it: a waiting
@@ -101,11 +107,15 @@ class RingRound:
         self.incoming.set_result(channel)
         while not self.finished.done():
             try:
-                await asyncio.wait_for(asyncio.shield(self.finished), self.chunk_timeout / 3)
+                async with asyncio.timeout(self.chunk_timeout / 3):
+                    await asyncio.shield(self.finished)
             except TimeoutError:
                 await channel.send(U8.pack(WAITING))
         ok = self.finished.result()
         await channel.send(U8.pack(OK) if ok else self._error_frame())
+        if not ok:  # the member before must read that before the connection goes
+            channel.end_writes()
+            await channel.drain(self.chunk_timeout / 3)
         return ok
 
     async def run(self, open_next: Callable[[], Awaitable[Channel]], request: bytes) -> Channel:
@@ -121,7 +131,7 @@ class RingRound:
         receiving = asyncio.ensure_future(self._receive())
         try:
             try:
-                outgoing = await open_next()
+                outgoing = self.outgoing = await open_next()
             except Exception as e:
                 raise _Gone(self.next, f"could not open a stream to {remote[-6:]}: {e!r}") from None
             await outgoing.send(request)
@@ -133,14 +143,23 @@ class RingRound:
             return outgoing
         except BaseException as e:
             self._fail(e)
+            logger.debug("member %d: ring round failed: %s", self.me, self.error)
+            await _stop(receiving)  # first: take() then reads the same connection (one reader at a time)
+            if not self.finished.done():
+                self.finished.set_result(False)  # take() answers the member before with what this one knows
+            if sending is not None and not sending.done() and self._writing:  # let the frame on the wire end whole
+                self._stopping = True
+                with contextlib.suppress(BaseException):
+                    async with asyncio.timeout(self.chunk_timeout):
+                        await asyncio.shield(sending)
             between = not self._writing
             await _stop(sending)
             await _stop(listening)
-            if not self.finished.done():
-                self.finished.set_result(False)  # take() answers the member before with what this one knows
             if outgoing is not None:
                 if between and not _from_next(e, self.next):  # mid-payload, a status would be read as data
                     await self._tell(outgoing)
+                    outgoing.end_writes()
+                    await outgoing.drain(self.chunk_timeout / 3)
                 outgoing.close()
             raise
         finally:
@@ -159,7 +178,8 @@ class RingRound:
         try:
             # longer than the member before waits for this one (2 * chunk_timeout, Butterfly._handle_ring): when this
             # member is the missing one's next, the one before the missing one hears first that it never started
-            channel = await asyncio.wait_for(asyncio.shield(self.incoming), 3 * self.chunk_timeout)
+            async with asyncio.timeout(3 * self.chunk_timeout):
+                channel = await asyncio.shield(self.incoming)
         except TimeoutError:
             raise _Gone(self.prev, f"member {self.prev} never sent its ring part") from None
         try:
@@ -220,9 +240,14 @@ class RingRound:
         (this member is there, waiting for the one before it)."""
         try:
             left = sum(len(self._pieces(chunk)) for chunk in self._sent_chunks())
-            while left:  # no waiting status after the last frame: the next member reads no further
+            while (
+                left and not self._stopping
+            ):  # no waiting status after the last frame: the next member reads no further
                 try:
-                    prefix, payload = await asyncio.wait_for(self._frames.get(), self.chunk_timeout / 3)
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that comes as the
+                    # queue hands over a frame, and the round's end would wait on a sender that goes on
+                    async with asyncio.timeout(self.chunk_timeout / 3):
+                        prefix, payload = await self._frames.get()
                     left -= 1
                 except TimeoutError:
                     prefix, payload = U8.pack(WAITING), None
@@ -288,7 +313,8 @@ class RingRound:
     async def _tell(self, channel: Channel) -> None:
         """Say why this round failed to the next member, between frames (best effort: it may be gone)."""
         try:
-            await asyncio.wait_for(channel.send(self._error_frame()), 1.0)
+            async with asyncio.timeout(1.0):
+                await channel.send(self._error_frame())
         except Exception:
             pass
 
@@ -349,9 +375,14 @@ def _from_next(e: BaseException, next: int) -> bool:
 
 
 async def _stop(task: asyncio.Future[None] | None) -> None:
-    if task is not None and not task.done():
+    """Cancel a helper task and wait until it lets go of its channel; its failure, if any, is the round's already."""
+    if task is None:
+        return
+    if not task.done():
         task.cancel()
         await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # seen: the round reports the first failure
 
 
 def _status_ok(weight: float) -> bytes:

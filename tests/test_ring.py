@@ -220,3 +220,48 @@ def test_a_ring_schedule_refuses_what_needs_each_members_own_update(conflict: st
         assert load_config(TINY, ["averaging.schedule=ring", ok]).averaging.schedule == "ring"
     with pytest.raises(ConfigError, match="averaging.schedule 'ring' needs averaging.aggregation mean"):
         load_config(TINY, ["averaging.schedule=ring", conflict])
+
+
+def test_a_member_that_dies_mid_round_is_named_by_every_survivor_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: four members on direct TCP, a vector large enough that the round is still under way when the third
+    # member's connections all drop at once, as when its machine dies (nothing more leaves it)
+    monkeypatch.setattr(pieces_module, "PIECE", 20_000)
+    vectors = _vectors(4, 4_000_000)
+    before = [v.clone() for v in vectors]
+
+    async def main() -> tuple[list[Outcome], float, str]:
+        async with butterfly_members(4, chunk_timeout=5.0) as butterflies:
+            routes = await _serve_tcp(butterflies)
+            peers = [b.p2p.peer_id for b in butterflies]
+            dying = butterflies[2]
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            calls = [
+                asyncio.ensure_future(
+                    b.ring_allreduce(
+                        b"ring-die", peers, i, vectors[i], weight=1.0, codec=Fp32(), round=1, timeout=30, routes=routes
+                    )  # fmt: skip
+                )
+                for i, b in enumerate(butterflies)
+            ]
+            while b"ring-die" not in dying._rings or dying._rings[b"ring-die"].result()._frame_in < 3:
+                await asyncio.sleep(0.001)
+            ring = dying._rings[b"ring-die"].result()
+            assert ring.outgoing is not None and not any(c.done() for c in calls)  # the round is under way
+            for channel in (ring.incoming.result(), ring.outgoing):
+                channel.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+            calls[2].cancel()
+            outcomes = await asyncio.gather(*(calls[i] for i in (0, 1, 3)))
+            return outcomes, loop.time() - start, peers[2].to_base58()
+
+    # Execute
+    outcomes, elapsed, dead = asyncio.run(main())
+
+    # Assert: every survivor fails the round, names the dead member alone (so all three re-form the same group),
+    # within moments rather than at a deadline; their vectors are untouched
+    for mean, stats in outcomes:
+        assert mean is None and stats.reason
+        assert stats.unreachable == {dead} and not stats.not_joined, stats
+    assert elapsed < 1.5  # a third of a read's deadline: nobody waited one out
+    for v, b in zip(vectors, before, strict=True):
+        assert torch.equal(v, b)
