@@ -99,6 +99,12 @@ class _Tap(Channel):
     async def linger(self) -> None:
         await self.inner.linger()
 
+    def end_writes(self) -> None:
+        self.inner.end_writes()
+
+    async def drain(self, seconds: float) -> None:
+        await self.inner.drain(seconds)
+
     def close(self) -> None:
         self.inner.close()
 
