@@ -16,11 +16,18 @@ B2). What it gives up: a member sees running means, not the others' copies, so n
 contributes nothing when it fails, and a mean that is not finite fails the round. A lossy codec quantizes each
 running mean once per hop (n - 1 times) and the mean once more; the mean travels unchanged.
 
+When a member fails (its stream from the member before breaks, the next member is gone or never started the round),
+it tells the next member in the stream, between frames, and the member before in its answer, which members it found
+gone or never joined; each member that hears it passes it on. So every survivor names the same missing members, and
+the members left can re-form the round without them (p2pfed/phases.py), as with the butterfly. What a member hears
+is taken on trust, as is everything in a ring.
+
 Wire format, after the request (magic "P2PR", tag length u16, tag, sender index u16, weight f64 ignored): one frame per
-piece, reduce-scatter steps first, then all-gather steps: status u8 (OK, or ERROR and a reason: a member upstream
-failed), the weight folded into the running mean so far f64, then a payload (p2pfed/wire.py). When all of it is in,
-the receiver answers one status (OK, or ERROR and a reason), so the sender knows every byte arrived before it calls
-the round done or uses the connection again.
+piece, reduce-scatter steps first, then all-gather steps: status u8 OK, the weight folded into the running mean so far
+f64, then a payload (p2pfed/wire.py). Between frames the sender may write WAITING (it waits for the member before
+it; one every chunk_timeout / 3 at least) or, to end the stream, ERROR and a JSON body (reason, gone, not_joined: the
+members' base58 ids; u32 length first). The receiver answers on the same connection: WAITING while its round runs,
+then OK once every frame is in (the sender may then use the connection again), or ERROR and a JSON body.
 """
 
 from __future__ import annotations
@@ -240,9 +247,7 @@ class RingRound:
         (this member is there, waiting for the one before it)."""
         try:
             left = sum(len(self._pieces(chunk)) for chunk in self._sent_chunks())
-            while (
-                left and not self._stopping
-            ):  # no waiting status after the last frame: the next member reads no further
+            while left and not self._stopping:  # no waiting status after the last frame: nobody reads it
                 try:
                     # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that comes as the
                     # queue hands over a frame, and the round's end would wait on a sender that goes on
@@ -254,7 +259,9 @@ class RingRound:
                 self._writing = True
                 if payload is None:
                     await channel.send(prefix)
-                sent = await write_payload(channel, prefix, payload) if payload is not None else len(prefix)
+                    sent = len(prefix)
+                else:
+                    sent = await write_payload(channel, prefix, payload)
                 self._writing = False
                 self.stats.add_sent(remote, sent)
         except (TimeoutError, OSError, PartFailed) as e:
