@@ -259,8 +259,9 @@ class SwarmAverager(DecentralizedAverager):
         members = _members(group_info, gathered, shares, weight) if self._hierarchical else None
         routes = _routes(group_info, gathered)
         # a ring needs every member to take a stream from the one before it: none in client mode or behind a relay
-        ring = self._ring and members is None and self._secure is None
-        if ring and (not all(s > 0 for s in shares) or _relayed(peers, butterfly.via)):
+        # (in hierarchical mode, only the delegates across clouds go around it: hierarchical_allreduce checks them)
+        ring = self._ring and self._secure is None
+        if ring and ((members is None and not all(s > 0 for s in shares)) or _relayed(peers, butterfly.via)):
             ring = False
             if self._schedule_said != "butterfly":
                 logger.warning(
@@ -269,7 +270,8 @@ class SwarmAverager(DecentralizedAverager):
                 )
                 self._schedule_said = "butterfly"
         elif ring and self._schedule_said != "ring":
-            logger.info("all-reduces go around a ring (averaging.schedule ring)")
+            where = "the delegates' all-reduces across clouds go" if members is not None else "all-reduces go"
+            logger.info("%s around a ring (averaging.schedule ring)", where)
             self._schedule_said = "ring"
         # the same on every member: shared-seed compressors draw alike (in a re-formed round, as in the failed one)
         seed = round_seed(group_id if not isinstance(claims, tuple) else bytes.fromhex(claims[0]))
@@ -288,7 +290,7 @@ class SwarmAverager(DecentralizedAverager):
             # Every copy must be finite; the norm bound holds for the update and any part of it (dense, its shared
             # coordinates, its top-k), not for PowerSGD's projections.
             guard = Guard(max_norm=self._max_update_norm if phase in _UPDATE_PHASES else None)
-            if ring and codec.elementwise and self._rule is None:
+            if ring and members is None and codec.elementwise and self._rule is None:
                 mean, phase_stats = await butterfly.ring_allreduce(
                     tag,
                     peers,
@@ -313,6 +315,7 @@ class SwarmAverager(DecentralizedAverager):
                     timeout=timeout,
                     routes=routes,
                     guard=guard,
+                    ring=ring,
                 )
             else:
                 mean, phase_stats = await butterfly.allreduce(

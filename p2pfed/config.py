@@ -196,7 +196,8 @@ class AveragingConfig(_Section):
         description="how a group all-reduces: 'butterfly' (each member reduces a slice from every member's own copy, "
         "so reducers can screen each copy) or 'ring' (each member sends only to the next, one flow per link: faster "
         "on links shaped per peer with 3+ peers; members screen only their own update, so aggregation must be mean, "
-        "and every member must accept connections, else a round goes by butterfly; so do top-k's sparse rounds)",
+        "and every member must accept connections, else a round goes by butterfly; so do top-k's sparse rounds; in "
+        "hierarchical mode only the delegates' leg across clouds goes around the ring)",
     )
     max_update_norm: float | None = Field(
         1e4,
@@ -348,13 +349,11 @@ class Config(_Section):
                 "fp16 or uint8, and privacy.secure_aggregation off (a reducer must see each member's update)"
             )
         if self.averaging.schedule == "ring" and (
-            self.averaging.aggregation != "mean"
-            or self.privacy.secure_aggregation
-            or self.averaging.mode == "hierarchical"
+            self.averaging.aggregation != "mean" or self.privacy.secure_aggregation
         ):
             raise ValueError(
-                "averaging.schedule 'ring' needs averaging.aggregation mean, privacy.secure_aggregation off and "
-                "averaging.mode sync, diloco or gossip (members see running means, not each other's updates)"
+                "averaging.schedule 'ring' needs averaging.aggregation mean and privacy.secure_aggregation off "
+                "(members see running means, not each other's updates)"
             )
         adaptive = self.training.global_batch_size is not None or self.averaging.adaptive_inner_steps
         if adaptive and self.privacy.dp:

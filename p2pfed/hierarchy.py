@@ -60,10 +60,13 @@ async def hierarchical_allreduce(
     timeout: float,
     routes: Routes | None = None,
     guard: Guard | None = None,
+    ring: bool = False,
 ) -> tuple[torch.Tensor | None, ButterflyStats]:
     """The group's weighted mean of `vector`, reduced cloud by cloud; None (reason in stats) when a phase failed.
     `guard` screens the members' copies in both all-reduces (a cloud's mean of updates within a norm bound is
-    within it too)."""
+    within it too). `ring` (averaging.schedule ring): the delegates' leg across clouds goes around a ring
+    (p2pfed/ring.py), one flow per cloud's uplink, when every delegate accepts streams and the codec is elementwise;
+    each delegate then screens its own cloud's mean, and inside a cloud the butterfly still screens every member."""
     stats = ButterflyStats()
     cloud = members[me].cloud
     local = [i for i, m in enumerate(members) if m.cloud == cloud]
@@ -93,19 +96,34 @@ async def hierarchical_allreduce(
     mean = cloud_mean
     if me == head and len(heads) > 1 and cloud_mean is not None:
         order = sorted(heads.values())
-        mean, part = await butterfly.allreduce(
-            tag + b"/wan",
-            [peers[i] for i in order],
-            order.index(me),
-            cloud_mean,
-            weight=sum(members[i].weight for i in local),
-            shares=_shares([members[i] for i in order]),
-            codec=codec,
-            round=round,
-            timeout=timeout,
-            routes=routes,
-            guard=guard,
-        )
+        weight = sum(members[i].weight for i in local)
+        if ring and codec.elementwise and all(members[i].share > 0 for i in order):
+            mean, part = await butterfly.ring_allreduce(
+                tag + b"/wan",
+                [peers[i] for i in order],
+                order.index(me),
+                cloud_mean,
+                weight=weight,
+                codec=codec,
+                round=round,
+                timeout=timeout,
+                routes=routes,
+                guard=guard,
+            )
+        else:
+            mean, part = await butterfly.allreduce(
+                tag + b"/wan",
+                [peers[i] for i in order],
+                order.index(me),
+                cloud_mean,
+                weight=weight,
+                shares=_shares([members[i] for i in order]),
+                codec=codec,
+                round=round,
+                timeout=timeout,
+                routes=routes,
+                guard=guard,
+            )
         stats.merge(part)
 
     # 3. the delegate hands the group's mean to its cloud (or, having failed, the failure)

@@ -78,9 +78,11 @@ class ButterflyStats:
         self.held = self.held or other.held
 
 
-def piece_sizes(size: int) -> list[int]:
-    """A part travels and is reduced in pieces of at most PIECE elements, so replies start before it all arrived."""
-    return [min(PIECE, size - start) for start in range(0, size, PIECE)]
+def piece_sizes(size: int, piece: int | None = None) -> list[int]:
+    """A part travels and is reduced in pieces of at most `piece` (default PIECE) elements, so replies start before it
+    all arrived."""
+    piece = piece or PIECE
+    return [min(piece, size - start) for start in range(0, size, piece)]
 
 
 def piece_round(round: int, index: int) -> int:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from p2pfed import pieces as pieces_module
+from p2pfed import ring as ring_module
 from p2pfed.butterfly import Butterfly
 from p2pfed.compression import Compressor, Fp16, Fp32, Uint8
 from p2pfed.config import ConfigError, load_config
@@ -86,7 +86,7 @@ def test_ring_allreduce_of_four_members_is_the_weighted_mean_on_every_member(
     codec: Compressor, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: four members (two hops of running means), chunks of several pieces each, uneven weights
-    monkeypatch.setattr(pieces_module, "PIECE", 7_000)
+    monkeypatch.setattr(ring_module, "PIECE", 7_000)
     vectors, weights = _vectors(4, 50_003), [1.0, 2.0, 3.0, 0.5]
     exact = _weighted_mean(vectors, weights)
     spread = max(float(v.max() - v.min()) for v in vectors)
@@ -211,21 +211,19 @@ def test_ring_and_butterfly_rounds_share_kept_direct_tcp_connections() -> None:
             assert_close(mean, exact, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "conflict",
-    ["averaging.aggregation=trimmed_mean", "privacy.secure_aggregation=true", "averaging.mode=hierarchical"],
-)
+@pytest.mark.parametrize("conflict", ["averaging.aggregation=trimmed_mean", "privacy.secure_aggregation=true"])
 def test_a_ring_schedule_refuses_what_needs_each_members_own_update(conflict: str) -> None:
-    for ok in ("averaging.mode=diloco", "averaging.mode=gossip", "compression.name=uint8", "compression.name=topk"):
+    modes = ("averaging.mode=diloco", "averaging.mode=gossip", "averaging.mode=hierarchical")
+    for ok in (*modes, "compression.name=uint8", "compression.name=topk"):
         assert load_config(TINY, ["averaging.schedule=ring", ok]).averaging.schedule == "ring"
-    with pytest.raises(ConfigError, match="averaging.schedule 'ring' needs averaging.aggregation mean"):
+    with pytest.raises(ConfigError, match="averaging.schedule 'ring' needs averaging.aggregation mean and privacy"):
         load_config(TINY, ["averaging.schedule=ring", conflict])
 
 
 def test_a_member_that_dies_mid_round_is_named_by_every_survivor_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: four members on direct TCP, a vector large enough that the round is still under way when the third
     # member's connections all drop at once, as when its machine dies (nothing more leaves it)
-    monkeypatch.setattr(pieces_module, "PIECE", 20_000)
+    monkeypatch.setattr(ring_module, "PIECE", 20_000)
     vectors = _vectors(4, 4_000_000)
     before = [v.clone() for v in vectors]
 
@@ -265,3 +263,37 @@ def test_a_member_that_dies_mid_round_is_named_by_every_survivor_at_once(monkeyp
     assert elapsed < 1.5  # a third of a read's deadline: nobody waited one out
     for v, b in zip(vectors, before, strict=True):
         assert torch.equal(v, b)
+
+
+def test_hierarchical_delegates_go_around_a_ring_across_three_clouds() -> None:
+    from p2pfed.hierarchy import Member, delegates, hierarchical_allreduce
+
+    # Prepare: five members in three clouds, uneven weights; the delegates are the first of each cloud
+    clouds, weights = ["aws", "gcp", "aws", "azure", "gcp"], [8.0, 4.0, 12.0, 2.0, 6.0]
+    vectors = _vectors(5, 30_001)
+
+    async def main() -> tuple[list[Outcome], list[Member]]:
+        async with butterfly_members(5, chunk_timeout=5.0) as butterflies:
+            members = [Member(b.p2p.peer_id, c, w, 1.0) for b, c, w in zip(butterflies, clouds, weights, strict=True)]
+            assert delegates(members) == {"aws": 0, "gcp": 1, "azure": 3}
+            calls = [
+                hierarchical_allreduce(
+                    b, b"round-h", members, i, vectors[i], codec=Fp16(), round=1, timeout=30, ring=True
+                )
+                for i, b in enumerate(butterflies)
+            ]
+            return list(await asyncio.gather(*calls)), members
+
+    # Execute
+    results, members = asyncio.run(main())
+
+    # Assert: the flat weighted mean (fp16 on the cross-cloud leg only), the same on every member; each delegate
+    # sends across clouds to one other cloud only, the next delegate around the ring (a butterfly would reach both)
+    expected = _weighted_mean(vectors, weights)
+    cloud_of = {m.peer.to_base58(): m.cloud for m in members}
+    for i, (mean, stats) in enumerate(results):
+        assert mean is not None, stats.reason
+        assert_close(mean, expected, atol=4e-3, rtol=0)
+        assert torch.equal(mean, results[0][0])  # type: ignore[arg-type]
+        crossed = {cloud_of[p] for p in stats.sent_by_peer} - {clouds[i]}
+        assert len(crossed) == (1 if i in (0, 1, 3) else 0), (i, crossed)
