@@ -106,7 +106,8 @@ class StreamChannel(Channel):
 
     async def read_exactly(self, n: int) -> bytes:
         try:
-            return await asyncio.wait_for(self.reader.readexactly(n), self.timeout)
+            async with asyncio.timeout(self.timeout):  # not wait_for: on Python 3.11 it can swallow a cancel
+                return await self.reader.readexactly(n)
         except asyncio.IncompleteReadError:
             raise PartFailed("the stream closed early") from None
         except TimeoutError:
@@ -116,7 +117,8 @@ class StreamChannel(Channel):
         pos = 0
         while pos < len(view):
             try:
-                chunk = await asyncio.wait_for(self.reader.read(min(IO_CHUNK, len(view) - pos)), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    chunk = await self.reader.read(min(IO_CHUNK, len(view) - pos))
             except TimeoutError:
                 raise PartFailed(f"no data for {self.timeout:.0f}s") from None
             if not chunk:
@@ -129,12 +131,15 @@ class StreamChannel(Channel):
             view = memoryview(chunk)
             for start in range(0, len(view), IO_CHUNK):
                 self.writer.write(view[start : start + IO_CHUNK])
-                await asyncio.wait_for(self.writer.drain(), self.timeout)
-        await asyncio.wait_for(self.writer.drain(), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    await self.writer.drain()
+        async with asyncio.timeout(self.timeout):
+            await self.writer.drain()
 
     async def linger(self) -> None:
         try:
-            await asyncio.wait_for(self.reader.read(1), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self.reader.read(1)
         except (TimeoutError, OSError):
             pass
 

@@ -220,16 +220,19 @@ def test_a_ring_schedule_refuses_what_needs_each_members_own_update(conflict: st
         load_config(TINY, ["averaging.schedule=ring", conflict])
 
 
-def test_a_member_that_dies_mid_round_is_named_by_every_survivor_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Prepare: four members on direct TCP, a vector large enough that the round is still under way when the third
-    # member's connections all drop at once, as when its machine dies (nothing more leaves it)
+@pytest.mark.parametrize("transport", ["tcp", "libp2p"])
+def test_a_member_that_dies_mid_round_is_named_by_every_survivor_at_once(
+    transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: four members, a vector large enough that the round is still under way when the third member's
+    # connections all drop at once, as when its machine dies (nothing more leaves it)
     monkeypatch.setattr(ring_module, "PIECE", 20_000)
     vectors = _vectors(4, 4_000_000)
     before = [v.clone() for v in vectors]
 
     async def main() -> tuple[list[Outcome], float, str]:
         async with butterfly_members(4, chunk_timeout=5.0) as butterflies:
-            routes = await _serve_tcp(butterflies)
+            routes = await _serve_tcp(butterflies) if transport == "tcp" else None
             peers = [b.p2p.peer_id for b in butterflies]
             dying = butterflies[2]
             loop = asyncio.get_running_loop()
@@ -247,7 +250,10 @@ def test_a_member_that_dies_mid_round_is_named_by_every_survivor_at_once(monkeyp
             ring = dying._rings[b"ring-die"].result()
             assert ring.outgoing is not None and not any(c.done() for c in calls)  # the round is under way
             for channel in (ring.incoming.result(), ring.outgoing):
-                channel.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+                if transport == "tcp":
+                    channel.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+                else:  # its end of each libp2p stream, cut
+                    channel.writer.transport.abort()  # type: ignore[attr-defined]
             calls[2].cancel()
             outcomes = await asyncio.gather(*(calls[i] for i in (0, 1, 3)))
             return outcomes, loop.time() - start, peers[2].to_base58()
