@@ -86,7 +86,8 @@ class Coords(Reduction):
         mean = await allreduce(coords, Fp32(), "coords")
         if mean is None:
             return None
-        self.feedback.commit(corrected, self.compressor.decode(coords, numel=x.numel(), round=round))
+        if self.feedback.enabled:  # a pass over the whole vector: only error feedback needs what this peer sent
+            self.feedback.commit(corrected, self.compressor.decode(coords, numel=x.numel(), round=round))
         return self.compressor.decode(mean, numel=x.numel(), round=round)
 
 
@@ -121,8 +122,9 @@ class LowRank(Reduction):
         q_mean = await allreduce(q_local, Fp32(), "q")
         if q_mean is None:
             return None
-        mine = self.compressor.finish(p_mean, q_local, numel=x.numel())  # this peer's own rank-r part
-        self.feedback.commit(corrected, mine)
+        if self.feedback.enabled:
+            mine = self.compressor.finish(p_mean, q_local, numel=x.numel())  # this peer's own rank-r part
+            self.feedback.commit(corrected, mine)
         return self.compressor.finish(p_mean, q_mean, numel=x.numel())
 
 
