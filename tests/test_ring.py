@@ -303,3 +303,28 @@ def test_hierarchical_delegates_go_around_a_ring_across_three_clouds() -> None:
         assert torch.equal(mean, results[0][0])  # type: ignore[arg-type]
         crossed = {cloud_of[p] for p in stats.sent_by_peer} - {clouds[i]}
         assert len(crossed) == (1 if i in (0, 1, 3) else 0), (i, crossed)
+
+
+def test_ring_over_sealed_direct_tcp_averages_and_a_member_with_another_key_fails_it() -> None:
+    # Prepare: three members on direct TCP sealed with the run's key (privacy.swarm_key), frames of several pieces
+    vectors, weights = _vectors(3, 100_003), [1.0, 2.0, 3.0]
+
+    async def main() -> tuple[list[Outcome], list[Outcome]]:
+        async with butterfly_members(3, chunk_timeout=1.0) as butterflies:
+            for b in butterflies:
+                b.seal_key = bytes(range(32))
+            routes = await _serve_tcp(butterflies)
+            sealed = await _ring(butterflies, vectors, weights, b"ring-sealed", routes=routes)
+            butterflies[1].seal_key = bytes(32)  # a member whose key is not the swarm's
+            intruded = await _ring(butterflies, vectors, weights, b"ring-intruder", routes=routes, timeout=6)
+            return sealed, intruded
+
+    # Execute
+    sealed, intruded = asyncio.run(main())
+
+    # Assert: sealed, the exact weighted mean on every member; with another key in the ring, nobody gets a mean
+    for mean, stats in sealed:
+        assert mean is not None, stats.reason
+        assert_close(mean, _weighted_mean(vectors, weights), atol=1e-6, rtol=0)
+    for mean, stats in intruded:
+        assert mean is None and stats.reason
