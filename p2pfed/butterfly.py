@@ -296,9 +296,12 @@ class Butterfly:
         try:
             channel = await asyncio.wait_for(ring.run(open_next, request), timeout)
         except (PartFailed, TimeoutError) as e:
-            if isinstance(e, TimeoutError) and not ring.incoming.done():
-                stats.unreachable.add(peers[ring.prev].to_base58())
-            stats.reason = ring.error or str(e) or f"ring all-reduce did not finish within {timeout:.0f}s"
+            if isinstance(e, TimeoutError):  # the suspect: the member before, if its stream never came
+                if not ring.incoming.done():
+                    stats.unreachable.add(peers[ring.prev].to_base58())
+                stats.reason = f"ring all-reduce did not finish within {timeout:.0f}s"
+            else:
+                stats.reason = ring.error or str(e)
             return None, stats
         finally:
             self._rings.pop(tag, None)
