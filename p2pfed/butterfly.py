@@ -280,7 +280,7 @@ class Butterfly:
             return vector.clone(), stats
         ring = RingRound(
             peers=peers, me=me, vector=vector, weight=weight, codec=codec, round=round, stats=stats,
-            chunk_timeout=self.chunk_timeout, guard=guard,
+            chunk_timeout=self.chunk_timeout, guard=guard, on_reply=self.on_reply,
         )  # fmt: skip
         future = self._rings.setdefault(tag, asyncio.get_running_loop().create_future())
         if not future.done():

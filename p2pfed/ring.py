@@ -82,13 +82,15 @@ class RingRound:
         stats: ButterflyStats,
         chunk_timeout: float,
         guard: Guard | None = None,
+        on_reply: Callable[[], None] | None = None,
     ) -> None:
         """`vector`: (numel,) fp32, this member's update. `guard`: this member's own update, when not finite or over
-        the guard's norm bound, joins the round with weight 0 (the others' mean goes on without it)."""
+        the guard's norm bound, joins the round with weight 0 (the others' mean goes on without it). `on_reply` (a
+        test aid): called as each piece of another member's mean arrives."""
         self.peers, self.me, self.codec, self.round, self.stats = peers, me, codec, round, stats
         self.n = len(peers)
         self.prev, self.next = (me - 1) % self.n, (me + 1) % self.n
-        self.chunk_timeout = chunk_timeout
+        self.chunk_timeout, self.on_reply = chunk_timeout, on_reply
         self.weight = float(weight)
         reason = (guard or Guard()).check(vector)
         if reason:
@@ -221,6 +223,8 @@ class RingRound:
                     payload = await self._read_into(channel, dest)
                     if not all_finite(dest):
                         raise _Refused(f"the mean of chunk {chunk} is not finite")
+                    if self.on_reply is not None:
+                        self.on_reply()
                     if step < self.n - 2:
                         self._frames.put_nowait((_status_ok(total), payload))
             self.finished.set_result(True)  # take() says so to the member before

@@ -144,6 +144,42 @@ def test_the_pieces_members_hold_of_a_failed_masked_round_must_name_one_round() 
         assert "malformed" in str(_held_claims([{"held": one}, {"held": bad}])), bad
 
 
+def test_a_member_that_vanishes_mid_ring_round_costs_the_others_no_inner_steps(
+    launcher: Launcher, tmp_path: Path
+) -> None:
+    # Prepare: three peers in DiLoCo rounds that go around a ring over direct TCP; the third SIGKILLs its whole process
+    # group in its second round's all-reduce, as soon as a piece of another member's mean is back to it. The member
+    # before it can no longer send to it, the one after it stops hearing from it: both must name it, and only it, to
+    # re-form the same round of two with the same updates. (With more members, the others hear it from these two:
+    # tests/test_ring.py.)
+    steps, inner = 30, 5
+    ring = ("--set", "averaging.schedule=ring", "--set", "averaging.transport=tcp")
+
+    first = _diloco_peer(launcher, tmp_path, 0, steps, inner, *ring)
+    join = ("--initial-peers", first.bootstrap())
+    survivor = _diloco_peer(launcher, tmp_path, 1, steps, inner, *ring, *join)
+    victim = _diloco_peer(launcher, tmp_path, 2, steps, inner, *ring, *join, "--die-in-round", "2")
+
+    # Execute
+    assert victim.wait(timeout=300) == -9, victim.stderr()[-3000:]
+    assert "dying in the middle of round 2" in victim.stderr() + victim.stdout()
+    codes = [p.wait(timeout=300) for p in (first, survivor)]
+
+    # Assert: the round the victim left was re-formed by the two others and committed, so no phase of inner steps was
+    # lost; they end with the same parameters, having learned
+    assert codes == [0, 0], [p.stderr()[-3000:] for p in (first, survivor)]
+    assert all("all-reduces go around a ring" in p.stderr() for p in (first, survivor))
+    for i in (0, 1):
+        report = json.loads((tmp_path / f"peer{i}.json").read_text())
+        counts = {k: report[k] for k in ("rounds_ok", "rounds_failed", "rounds_reformed", "state_downloads")}
+        assert report["final_step"] == steps
+        assert report["rounds_reformed"] == 1 and report["rounds_failed"] == 0, counts
+        assert report["rounds_ok"] == steps // inner, counts
+        assert report["eval_loss"] < report["initial_eval_loss"] - 0.5
+    divergence = max_param_divergence([tmp_path / f"peer{i}.safetensors" for i in (0, 1)])
+    assert divergence is not None and divergence < 1e-4
+
+
 def test_a_member_that_vanishes_mid_round_costs_the_others_no_inner_steps(launcher: Launcher, tmp_path: Path) -> None:
     # Prepare: three peers in masked DiLoCo rounds; the third SIGKILLs its whole process group (main, DHT, averager,
     # p2pd) in the all-reduce of its second round, as soon as the first averaged piece is back to it, as a machine
