@@ -13,6 +13,8 @@ allreduce.py  SwarmAverager: hivemind's matchmaking and state sharing around p2p
 butterfly.py  the all-reduce itself: each member reduces one slice, over libp2p streams or direct TCP; strict
 channel.py    the byte streams under it: libp2p streams, or sockets read straight into tensors (recv_into)
 pieces.py     a reducer's slice, reduced and answered piece by piece as the members' copies arrive
+ring.py       the other schedule (averaging.schedule ring): each member sends only to the next, one flow per link
+wire.py       the framing both put on a channel: payloads, statuses
 reductions.py how each compressor's round crosses the butterfly (dense, shared coordinates, sparse, low rank)
 hierarchy.py  cloud-aware all-reduce: inside each cloud, then one delegate per cloud across clouds, then back
 secagg.py     secure aggregation: fixed point in Z_2^b, pairwise X25519/HKDF/ChaCha20 masks that cancel in the sum
